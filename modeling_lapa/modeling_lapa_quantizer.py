@@ -1,0 +1,581 @@
+"""The LAPA latent action quantizer (LAQ): an inverse dynamics model and a world model joined by NSVQ codes.
+
+Data flow for a batch of frame pairs `pixel_values` (B, 2, 3, H, W) in [0, 1]:
+
+    frames  --patch_embedding-->  tokens (B, 2, h, w, D)
+            --encoder_spatial (per frame, with the relative position bias)-->
+            --encoder_temporal (per grid cell, over the 2 frames)-->  first, last (B, h*w, D)
+    quantizer: z = cnn(project_in(last)) - cnn(project_in(first))   (B*s, q), the latent action
+               c = nearest codebook vector;  training: z + ||z - c|| * e / ||e||,  eval: c
+               project_out -> action tokens (B, s, D)
+    decoder_spatial (queries: frame-0 tokens, detached; cross-attention to the action tokens) -> to_pixels
+            -> predicted frame t+H (B, 3, H, W);  loss = MSE against frame t+H.
+
+This reproduces the authors' network numerically (their released `laq_openx.pt` converts into it with
+`convert_laq_checkpoint.py`), including three quirks the released weights were trained with: keys and values of
+self-attention come from the un-normalised input, the temporal stack's position generator reshapes tokens laid out
+((b h w), t) as if they were (b, t, h, w), and the quantizer output goes back to model width through a plain
+reshape (b*s, q) -> (b, q, s). Comments mark each one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_lapa_quantizer import CNN_ENCODER_LAYOUTS, LAPAQuantizerConfig
+
+
+@dataclass
+class LAPAQuantizerEncoderOutput(ModelOutput):
+    """Output of [`LAPAQuantizerModel.encode`].
+
+    Args:
+        codes (`torch.LongTensor` of shape `(batch_size, code_seq_len)`): the latent action, one codebook index per slot.
+        latents (`torch.FloatTensor` of shape `(batch_size, code_seq_len, quant_dim)`): the pre-quantisation
+            difference vectors z = enc(x_{t+H}) - enc(x_t).
+        quantized (`torch.FloatTensor` of shape `(batch_size, code_seq_len, quant_dim)`): the codebook vectors of `codes`.
+    """
+
+    codes: torch.LongTensor | None = None
+    latents: torch.FloatTensor | None = None
+    quantized: torch.FloatTensor | None = None
+
+
+@dataclass
+class LAPAQuantizerOutput(ModelOutput):
+    """Output of [`LAPAQuantizerModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): mean squared error of the predicted frame t+H, pixels in [0, 1].
+        reconstruction (`torch.FloatTensor` of shape `(batch_size, 3, H, W)`): the predicted frame t+H.
+        codes (`torch.LongTensor` of shape `(batch_size, code_seq_len)`): nearest codes of the latent actions.
+        perplexity (`torch.FloatTensor` of shape `()`): exp of the entropy of the batch's code histogram.
+        latents (`torch.FloatTensor` of shape `(batch_size, code_seq_len, quant_dim)`): pre-quantisation latents.
+        replaced_codes (`torch.LongTensor` of shape `(n,)`, *optional*): codes overwritten by a codebook
+            replacement at this step (only on replacement steps in training mode).
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    codes: torch.LongTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    replaced_codes: torch.LongTensor | None = None
+
+
+class LAPAQuantizerPatchEmbedding(nn.Module):
+    """Frame (N, C, H, W) -> tokens (N, h, w, D): p x p patches flattened in (channel, row, col) order, then
+    LayerNorm -> Linear -> LayerNorm. Shared by both frames of a pair."""
+
+    def __init__(self, config: LAPAQuantizerConfig):
+        super().__init__()
+        patch_dim = config.num_channels * config.patch_size**2
+        self.patch_size = config.patch_size
+        self.input_norm = nn.LayerNorm(patch_dim)
+        self.projection = nn.Linear(patch_dim, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        n, c, height, width = frames.shape
+        p = self.patch_size
+        h, w = height // p, width // p
+        patches = frames.reshape(n, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(n, h, w, c * p * p)
+        return self.output_norm(self.projection(self.input_norm(patches)))
+
+
+class LAPAQuantizerPositionBias(nn.Module):
+    """Continuous relative position bias of the spatial stacks: an MLP of the log-scaled offsets (dy, dx) between
+    every pair of grid cells, giving (num_heads, h*w, h*w) logit biases."""
+
+    def __init__(self, config: LAPAQuantizerConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.mlp = nn.ModuleList([nn.Linear(2, dim), nn.Linear(dim, dim), nn.Linear(dim, config.num_heads)])
+
+    def forward(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        weight = self.mlp[0].weight
+        ys, xs = torch.meshgrid(
+            torch.arange(grid_h, device=weight.device), torch.arange(grid_w, device=weight.device), indexing="ij"
+        )
+        positions = torch.stack([ys, xs], dim=-1).reshape(-1, 2)
+        offsets = (positions[:, None, :] - positions[None, :, :]).to(weight.dtype)
+        offsets = torch.sign(offsets) * torch.log(offsets.abs() + 1)
+        hidden = F.leaky_relu(self.mlp[0](offsets), 0.1)
+        hidden = F.leaky_relu(self.mlp[1](hidden), 0.1)
+        return self.mlp[2](hidden).permute(2, 0, 1)
+
+
+class LAPAQuantizerPositionGenerator(nn.Module):
+    """PEG: a depthwise 3x3x3 convolution over (time, height, width), causal in time (zero padding 2 before, 0 after)."""
+
+    def __init__(self, config: LAPAQuantizerConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.conv = nn.Conv3d(dim, dim, kernel_size=3, groups=dim)
+
+    def forward(self, hidden_states: torch.Tensor, video_shape: tuple[int, int, int, int]) -> torch.Tensor:
+        # Reference quirk: a plain reshape with the video shape (b, t, h, w), whatever the token layout. In the
+        # temporal stack the tokens are ((b h w), t) ordered, so the conv sees them scrambled; the released
+        # weights were trained that way.
+        x = hidden_states.reshape(*video_shape, -1).permute(0, 4, 1, 2, 3)
+        x = F.pad(x, (1, 1, 1, 1, 2, 0))
+        x = self.conv(x)
+        return x.permute(0, 2, 3, 4, 1).reshape(hidden_states.shape)
+
+
+def eager_attention(q, k, v, bias, scale):
+    """softmax(q k^T * scale + bias) v, written out; shapes (B, heads, L, d)."""
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias
+    return torch.matmul(logits.softmax(dim=-1), v)
+
+
+def sdpa_attention(q, k, v, bias, scale):
+    """The same math through PyTorch's fused kernel."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+class LAPAQuantizerAttention(nn.Module):
+    """Cosine-similarity attention: q and k L2-normalised per head, scaled by learned per-dimension gains, logits
+    multiplied by a fixed 8. Self-attention (no context) or cross-attention to a normalised context with learned
+    null key/value pairs prepended."""
+
+    def __init__(self, config: LAPAQuantizerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        dim, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
+        self.config = config
+        self.num_heads, self.head_dim = heads, head_dim
+        self.scale = config.attention_logit_scale
+        self.is_cross_attention = is_cross_attention
+        # The reference's LayerNorms here have a gain and a zero, non-learned bias: bias=False is the same.
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.context_norm = nn.LayerNorm(dim, bias=False) if is_cross_attention else None
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
+        self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
+        self.q_scale = nn.Parameter(torch.ones(head_dim))
+        self.k_scale = nn.Parameter(torch.ones(head_dim))
+        num_null = config.num_cross_attention_null_kv if is_cross_attention else 0
+        # (heads, 2n, head_dim): entries 0, 2, ... are null keys, 1, 3, ... null values.
+        self.null_kv = nn.Parameter(torch.randn(heads, 2 * num_null, head_dim)) if num_null > 0 else None
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # Reference quirk: in self-attention, keys and values come from the un-normalised input.
+        kv_input = self.context_norm(context) if self.is_cross_attention else hidden_states
+        q = self._split_heads(self.to_q(self.norm(hidden_states)))
+        k, v = (self._split_heads(t) for t in self.to_kv(kv_input).chunk(2, dim=-1))
+        if self.null_kv is not None:
+            batch = q.shape[0]
+            null_k = self.null_kv[:, 0::2].unsqueeze(0).expand(batch, -1, -1, -1)
+            null_v = self.null_kv[:, 1::2].unsqueeze(0).expand(batch, -1, -1, -1)
+            k = torch.cat([null_k, k], dim=2)
+            v = torch.cat([null_v, v], dim=2)
+            if position_bias is not None:
+                position_bias = F.pad(position_bias, (null_k.shape[2], 0), value=0.0)
+        q = F.normalize(q, dim=-1) * self.q_scale
+        k = F.normalize(k, dim=-1) * self.k_scale
+        attention = ATTENTION_FUNCTIONS[self.config._attn_implementation or "sdpa"]
+        out = attention(q, k, v, position_bias, self.scale)
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class LAPAQuantizerFeedForward(nn.Module):
+    """LayerNorm -> Linear -> GEGLU -> Linear, no biases on the linears."""
+
+    def __init__(self, config: LAPAQuantizerConfig):
+        super().__init__()
+        inner = config.ff_inner_size
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.fc_in = nn.Linear(config.hidden_size, 2 * inner, bias=False)
+        self.fc_out = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        value, gate = self.fc_in(self.norm(hidden_states)).chunk(2, dim=-1)
+        return self.fc_out(F.gelu(gate) * value)
+
+
+class LAPAQuantizerBlock(GradientCheckpointingLayer):
+    """One layer: position generator, self-attention, (cross-attention), feed-forward; each with a residual add."""
+
+    def __init__(self, config: LAPAQuantizerConfig, has_cross_attention: bool = False):
+        super().__init__()
+        self.position_generator = LAPAQuantizerPositionGenerator(config)
+        self.self_attention = LAPAQuantizerAttention(config)
+        self.cross_attention = LAPAQuantizerAttention(config, is_cross_attention=True) if has_cross_attention else None
+        self.feed_forward = LAPAQuantizerFeedForward(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_bias: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        *,
+        video_shape: tuple[int, int, int, int],
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.position_generator(hidden_states, video_shape)
+        hidden_states = hidden_states + self.self_attention(hidden_states, position_bias=position_bias)
+        if self.cross_attention is not None:
+            hidden_states = hidden_states + self.cross_attention(hidden_states, context=context)
+        return hidden_states + self.feed_forward(hidden_states)
+
+
+class LAPAQuantizerTransformer(nn.Module):
+    """A stack of [`LAPAQuantizerBlock`] and a final gain-only LayerNorm. Input (N, L, D) -> output (N, L, D)."""
+
+    def __init__(self, config: LAPAQuantizerConfig, depth: int, has_cross_attention: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(LAPAQuantizerBlock(config, has_cross_attention) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, *, video_shape, position_bias=None, context=None):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_bias, context, video_shape=video_shape)
+        return self.norm_out(hidden_states)
+
+
+class LAPAQuantizerNSVQ(nn.Module):
+    """Noise-substitution vector quantiser (NSVQ) of the *difference* of the two frames' encodings.
+
+    `project_in` then a small CNN turns each frame's (h*w, D) tokens into s vectors of size q; the latent action is
+    their difference. Codes are the nearest codebook vectors; the codebook learns only through the norm of the
+    quantisation error in the noise substitute (no codebook or commitment loss)."""
+
+    def __init__(self, config: LAPAQuantizerConfig):
+        super().__init__()
+        q = config.quant_dim
+        self.config = config
+        self.project_in = nn.Linear(config.hidden_size, q)
+        _, convs = CNN_ENCODER_LAYOUTS[config.code_seq_len]
+        layers: list[nn.Module] = []
+        for i, (kernel, stride, padding) in enumerate(convs):
+            if i > 0:
+                layers.append(nn.ReLU())
+            layers.append(nn.Conv2d(q, q, kernel_size=kernel, stride=stride, padding=padding))
+        self.downsample = nn.Sequential(*layers)
+        self.codebook = nn.Parameter(torch.randn(config.codebook_size, q))
+        self.project_out = nn.Linear(q, config.hidden_size)
+        # Hits per code since the last replacement. A plain attribute, not a buffer: it is not part of the weights
+        # (as in the reference), and DDP must not broadcast it from rank 0 (each rank counts its own hits; a
+        # replacement sums them across ranks).
+        self.code_hits = torch.zeros(config.codebook_size, dtype=torch.float64)
+
+    def encode_frame(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, D) -> (B*s, q), rows sample-major."""
+        b, n, _ = tokens.shape
+        side = self.config.grid_size
+        x = self.project_in(tokens).transpose(1, 2).reshape(b, -1, side, side)
+        x = self.downsample(x)
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+    def nearest_codes(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, q) -> (N,) indices of the nearest codebook vectors by squared L2 distance."""
+        codebook = self.codebook
+        distances = (
+            latents.pow(2).sum(dim=1, keepdim=True)
+            - 2 * latents @ codebook.t()
+            + codebook.t().pow(2).sum(dim=0, keepdim=True)
+        )
+        return distances.argmin(dim=1)
+
+    def to_action_tokens(self, vectors: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """(B*s, q) -> (B, s, D)."""
+        # Reference quirk: a plain reshape (B*s, q) -> (B, q, s), not a transpose, then (B, s, q).
+        x = vectors.reshape(batch_size, self.config.quant_dim, self.config.code_seq_len).permute(0, 2, 1)
+        return self.project_out(x)
+
+    def noise_substitute(self, latents: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        """z + (||z - c|| / ||e|| + 1e-12) * e with e ~ N(0, I), norms per vector."""
+        noise = torch.randn_like(latents)
+        residual_norm = (latents - hard).square().sum(dim=1, keepdim=True).sqrt()
+        noise_norm = noise.square().sum(dim=1, keepdim=True).sqrt()
+        return latents + (residual_norm / noise_norm + 1e-12) * noise
+
+    def count_hits(self, codes: torch.Tensor) -> None:
+        if self.code_hits.device != codes.device:
+            self.code_hits = self.code_hits.to(codes.device)
+        self.code_hits += torch.bincount(codes.flatten(), minlength=self.config.codebook_size).to(self.code_hits.dtype)
+
+    @torch.no_grad()
+    def replace_unused_codes(self, batch_size: int, step: int) -> torch.Tensor:
+        """Overwrite codes with hits / batch_size < threshold by randomly chosen used codes (+1e-12 noise).
+
+        In a distributed run the hits and batch sizes are summed over ranks and the random choices come from a
+        generator seeded by (replacement_seed, step), so every rank takes the same decision and the codebooks stay
+        identical. Returns the indices of the replaced codes; resets the hit counter.
+        """
+        device = self.codebook.device
+        totals = torch.cat([self.code_hits.to(device, torch.float64), torch.tensor([float(batch_size)], device=device, dtype=torch.float64)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
+        hits, total_batch = totals[:-1], totals[-1]
+        unused_mask = (hits / total_batch) < self.config.replacement_threshold
+        unused = torch.nonzero(unused_mask).flatten()
+        used = torch.nonzero(~unused_mask).flatten()
+        generator = torch.Generator(device="cpu").manual_seed(self.config.replacement_seed * 1_000_003 + step)
+        eps = 1e-12
+        if used.numel() == 0:
+            noise = torch.randn(self.codebook.shape, generator=generator, dtype=torch.float32)
+            self.codebook.add_(eps * noise.to(device, self.codebook.dtype))
+        elif unused.numel() > 0:
+            used_vectors = self.codebook[used].clone()
+            if used.numel() < unused.numel():
+                used_vectors = used_vectors.repeat(unused.numel() // used.numel() + 1, 1)
+            order = torch.randperm(used_vectors.shape[0], generator=generator).to(device)
+            noise = torch.randn((unused.numel(), self.config.quant_dim), generator=generator, dtype=torch.float32)
+            replacement = used_vectors[order][: unused.numel()] + eps * noise.to(device, self.codebook.dtype)
+            self.codebook[unused] = replacement
+        self.code_hits.zero_()
+        return unused
+
+
+class LAPAQuantizerPreTrainedModel(PreTrainedModel):
+    config_class = LAPAQuantizerConfig
+    base_model_prefix = "lapa_quantizer"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["LAPAQuantizerBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """PyTorch's default initialisation, as the reference trains from: Linear/Conv weights kaiming-uniform
+        (a = sqrt 5), biases uniform(+-1/sqrt(fan_in)); LayerNorms ones/zeros; codebook and null key/values N(0, 1);
+        attention gains ones."""
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, LAPAQuantizerAttention):
+            init.ones_(module.q_scale)
+            init.ones_(module.k_scale)
+            if module.null_kv is not None:
+                init.normal_(module.null_kv)
+        elif isinstance(module, LAPAQuantizerNSVQ):
+            init.normal_(module.codebook)
+
+
+class LAPAQuantizerModel(LAPAQuantizerPreTrainedModel):
+    """The latent action quantizer. `encode` labels frame pairs with latent actions (the inverse dynamics model),
+    `decode` predicts the next frame from a frame and a latent action (the world model), `forward` trains both.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
+    >>> model = LAPAQuantizerModel(LAPAQuantizerConfig.from_preset("tiny")).eval()
+    >>> pairs = torch.rand(2, 2, 3, 64, 64)          # (batch, frame t / frame t+H, RGB, H, W) in [0, 1]
+    >>> codes = model.encode(pairs).codes             # (2, 4) latent actions
+    >>> next_frame = model.decode(pairs[:, 0], codes) # (2, 3, 64, 64)
+    ```
+    """
+
+    def __init__(self, config: LAPAQuantizerConfig):
+        super().__init__(config)
+        self.patch_embedding = LAPAQuantizerPatchEmbedding(config)
+        self.spatial_position_bias = LAPAQuantizerPositionBias(config)
+        self.encoder_spatial = LAPAQuantizerTransformer(config, config.spatial_depth)
+        self.encoder_temporal = LAPAQuantizerTransformer(config, config.temporal_depth)
+        self.quantizer = LAPAQuantizerNSVQ(config)
+        self.decoder_spatial = LAPAQuantizerTransformer(config, config.spatial_depth, has_cross_attention=True)
+        self.to_pixels = nn.Linear(config.hidden_size, config.num_channels * config.patch_size**2)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- input checks
+    def _check_frames(self, frames: torch.Tensor, name: str, expected_rank: int, layout: str) -> None:
+        c = self.config
+        if not isinstance(frames, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor {layout}, got {type(frames).__name__}.")
+        if frames.ndim != expected_rank:
+            raise ValueError(f"`{name}` must have {expected_rank} dimensions {layout}, got shape {tuple(frames.shape)}.")
+        if not frames.is_floating_point():
+            raise TypeError(
+                f"`{name}` has integer dtype {frames.dtype}; the quantizer takes float pixels in [0, 1] "
+                f"(divide uint8 frames by 255)."
+            )
+        if expected_rank == 5 and frames.shape[1] != 2:
+            raise ValueError(
+                f"`{name}` must hold 2 frames (frame t, frame t+H) on axis 1 {layout}, got {frames.shape[1]} "
+                f"(shape {tuple(frames.shape)})."
+            )
+        channels, height, width = frames.shape[-3:]
+        if channels != c.num_channels:
+            raise ValueError(f"`{name}` must have {c.num_channels} channels {layout}, got shape {tuple(frames.shape)}.")
+        if (height, width) != (c.image_size, c.image_size):
+            raise ValueError(
+                f"`{name}` frames are {height}x{width} but this quantizer takes {c.image_size}x{c.image_size} "
+                f"(config.image_size); resize the frames first."
+            )
+        if frames.numel() > 0:
+            low, high = torch.aminmax(frames.detach())
+            if low < 0 or high > 1 or torch.isnan(low) or torch.isnan(high):
+                raise ValueError(
+                    f"`{name}` values must lie in [0, 1], got min {low.item():.4g} and max {high.item():.4g} "
+                    f"(no mean/std normalisation: the quantizer takes raw pixels / 255)."
+                )
+
+    def _check_codes(self, codes: torch.Tensor, batch_size: int) -> None:
+        c = self.config
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
+            raise TypeError(f"`codes` must be an integer tensor of shape (batch, {c.code_seq_len}).")
+        if codes.shape != (batch_size, c.code_seq_len):
+            raise ValueError(
+                f"`codes` must have shape ({batch_size}, {c.code_seq_len}) (batch, code_seq_len), got {tuple(codes.shape)}."
+            )
+        if codes.numel() > 0 and (codes.min() < 0 or codes.max() >= c.codebook_size):
+            raise ValueError(
+                f"`codes` must lie in [0, {c.codebook_size - 1}] (codebook_size={c.codebook_size}), got values in "
+                f"[{codes.min().item()}, {codes.max().item()}]."
+            )
+
+    # ------------------------------------------------------------------------------------------------ the network
+    def _encode_tokens(self, tokens: torch.Tensor, position_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens (B, 2, h, w, D) -> encoder outputs of frame t and frame t+H, each (B, h*w, D)."""
+        b, t, h, w, d = tokens.shape
+        video_shape = (b, t, h, w)
+        x = self.encoder_spatial(tokens.reshape(b * t, h * w, d), video_shape=video_shape, position_bias=position_bias)
+        x = x.reshape(b, t, h, w, d).permute(0, 2, 3, 1, 4).reshape(b * h * w, t, d)
+        x = self.encoder_temporal(x, video_shape=video_shape)
+        x = x.reshape(b, h, w, t, d).permute(0, 3, 1, 2, 4)
+        return x[:, 0].reshape(b, h * w, d), x[:, 1].reshape(b, h * w, d)
+
+    def _decode_tokens(self, first_tokens: torch.Tensor, action_tokens: torch.Tensor, position_bias: torch.Tensor):
+        """Frame-t tokens (B, h, w, D) and action tokens (B, s, D) -> predicted frame t+H (B, C, H, W)."""
+        b, h, w, d = first_tokens.shape
+        x = self.decoder_spatial(
+            first_tokens.reshape(b, h * w, d), video_shape=(b, 1, h, w), position_bias=position_bias, context=action_tokens
+        )
+        p, c = self.config.patch_size, self.config.num_channels
+        pixels = self.to_pixels(x).reshape(b, h, w, c, p, p)
+        return pixels.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h * p, w * p)
+
+    def _latents(self, pixel_values: torch.Tensor):
+        """Shared by encode and forward: frame-t tokens, latents (B*s, q), position bias."""
+        b = pixel_values.shape[0]
+        tokens = self.patch_embedding(pixel_values.flatten(0, 1))
+        tokens = tokens.reshape(b, 2, *tokens.shape[1:])
+        grid = self.config.grid_size
+        position_bias = self.spatial_position_bias(grid, grid)
+        first, last = self._encode_tokens(tokens, position_bias)
+        latents = self.quantizer.encode_frame(last) - self.quantizer.encode_frame(first)
+        return tokens[:, 0], latents, position_bias
+
+    def encode(self, pixel_values: torch.Tensor) -> LAPAQuantizerEncoderOutput:
+        """Label frame pairs with latent actions.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 2, 3, H, W)`): frame t and frame t+H, in [0, 1].
+        Returns:
+            [`LAPAQuantizerEncoderOutput`] with `codes` (B, s), `latents` (B, s, q) and `quantized` (B, s, q).
+        """
+        self._check_frames(pixel_values, "pixel_values", 5, "(batch, 2, 3, H, W)")
+        b, s, q = pixel_values.shape[0], self.config.code_seq_len, self.config.quant_dim
+        _, latents, _ = self._latents(pixel_values)
+        codes = self.quantizer.nearest_codes(latents)
+        quantized = self.quantizer.codebook[codes]
+        return LAPAQuantizerEncoderOutput(
+            codes=codes.reshape(b, s), latents=latents.reshape(b, s, q), quantized=quantized.reshape(b, s, q)
+        )
+
+    def decode(self, first_frame: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Predict frame t+H from frame t and a latent action: the world-model path.
+
+        Args:
+            first_frame (`torch.FloatTensor` of shape `(batch_size, 3, H, W)`): frame t, in [0, 1].
+            codes (`torch.LongTensor` of shape `(batch_size, code_seq_len)`): the latent action.
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, 3, H, W)`: the predicted frame (not clamped to [0, 1]).
+        """
+        self._check_frames(first_frame, "first_frame", 4, "(batch, 3, H, W)")
+        self._check_codes(codes, first_frame.shape[0])
+        b = first_frame.shape[0]
+        first_tokens = self.patch_embedding(first_frame)
+        grid = self.config.grid_size
+        position_bias = self.spatial_position_bias(grid, grid)
+        vectors = self.quantizer.codebook[codes.reshape(-1).to(self.quantizer.codebook.device)]
+        action_tokens = self.quantizer.to_action_tokens(vectors, b)
+        return self._decode_tokens(first_tokens, action_tokens, position_bias)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        step: int | None = None,
+        return_dict: bool | None = None,
+    ) -> LAPAQuantizerOutput | tuple:
+        """Reconstruct frame t+H from frame t and the quantised latent action of the pair.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 2, 3, H, W)`): frame t and frame t+H, in [0, 1].
+            step (`int`, *optional*): the training step; in training mode, on the replacement schedule
+                (`config.is_replacement_step`), unused codes are replaced after this step's codes are counted.
+        In training mode the decoder sees the NSVQ noise substitute of the latent; in eval mode the hard code.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_frames(pixel_values, "pixel_values", 5, "(batch, 2, 3, H, W)")
+        b, s, q = pixel_values.shape[0], self.config.code_seq_len, self.config.quant_dim
+        first_tokens, latents, position_bias = self._latents(pixel_values)
+        nsvq = self.quantizer
+        codes = nsvq.nearest_codes(latents)
+        hard = nsvq.codebook[codes]
+        quantized = nsvq.noise_substitute(latents, hard) if self.training else hard
+
+        one_hot_mean = torch.bincount(codes, minlength=self.config.codebook_size).to(latents.dtype) / codes.numel()
+        perplexity = torch.exp(-(one_hot_mean * torch.log(one_hot_mean + 1e-10)).sum())
+
+        replaced = None
+        if self.training:
+            nsvq.count_hits(codes.detach())
+            if step is not None and self.config.is_replacement_step(step):
+                replaced = nsvq.replace_unused_codes(b, step)
+
+        action_tokens = nsvq.to_action_tokens(quantized, b)
+        # The decoder's queries are detached: gradients never reach the patch embedding through the decoder.
+        reconstruction = self._decode_tokens(first_tokens.detach(), action_tokens, position_bias)
+        loss = F.mse_loss(reconstruction, pixel_values[:, 1])
+        output = LAPAQuantizerOutput(
+            loss=loss,
+            reconstruction=reconstruction,
+            codes=codes.reshape(b, s),
+            perplexity=perplexity,
+            latents=latents.reshape(b, s, q),
+            replaced_codes=replaced,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "LAPAQuantizerEncoderOutput",
+    "LAPAQuantizerModel",
+    "LAPAQuantizerOutput",
+    "LAPAQuantizerPreTrainedModel",
+]
