@@ -32,6 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_lapa_quantizer import CNN_ENCODER_LAYOUTS, LAPAQuantizerConfig
+from .loading import StrictLoadingMixin
 
 
 @dataclass
@@ -351,7 +352,7 @@ class LAPAQuantizerNSVQ(nn.Module):
         return unused
 
 
-class LAPAQuantizerPreTrainedModel(PreTrainedModel):
+class LAPAQuantizerPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config_class = LAPAQuantizerConfig
     base_model_prefix = "lapa_quantizer"
     main_input_name = "pixel_values"
