@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -286,8 +287,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
             if unknown:
                 raise KeyError(f"{self.root}: episodes {unknown} do not exist; the dataset has {len(all_indices)}")
             selected = sorted(set(int(e) for e in episodes))
-        self._readers: OrderedDict[str, VideoFrameReader] = OrderedDict()
-        self._readers_pid = os.getpid()
+        self._local = threading.local()  # open video readers, per thread (see _reader)
+        self._local_pid = os.getpid()
 
         selected = self._check_lengths(selected)
         selected = self._load_frame_rows(selected)
@@ -470,17 +471,24 @@ class LeRobotDataset(torch.utils.data.Dataset):
         return str(self.meta.data_file_path(episode_index))
 
     def _reader(self, path: Path) -> VideoFrameReader:
-        if os.getpid() != self._readers_pid:
-            # A forked DataLoader worker must not share the parent's open files (shared file offsets).
-            self._readers = OrderedDict()
-            self._readers_pid = os.getpid()
+        """The open reader of a video file for this process and thread.
+
+        A forked DataLoader worker must not use the parent's open files (they share file offsets), and
+        `datasets` reads interleaved shards from a thread pool, so readers are kept per process and thread.
+        """
+        if os.getpid() != self._local_pid:
+            self._local = threading.local()
+            self._local_pid = os.getpid()
+        readers = getattr(self._local, "readers", None)
+        if readers is None:
+            readers = self._local.readers = OrderedDict()
         key = str(path)
-        reader = self._readers.pop(key, None)
+        reader = readers.pop(key, None)
         if reader is None:
             reader = VideoFrameReader(key, forward_decode_limit_s=2.0)
-        self._readers[key] = reader
-        while len(self._readers) > _MAX_OPEN_VIDEOS:
-            self._readers.popitem(last=False)[1].close()
+        readers[key] = reader
+        while len(readers) > _MAX_OPEN_VIDEOS:
+            readers.popitem(last=False)[1].close()
         return reader
 
     def _video_timestamps(self, episode_index: int, video_key: str, frame_indices) -> tuple[Path, np.ndarray]:
@@ -586,8 +594,12 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_readers"] = OrderedDict()  # open containers stay in their process
+        state["_local"] = None  # open containers stay in their process; reopened lazily
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def __repr__(self) -> str:
         return (

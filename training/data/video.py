@@ -72,8 +72,15 @@ class VideoInfo:
     has_audio: bool
 
 
-def open_video(path: str | Path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
-    """Opens a file and returns (container, first video stream); any failure becomes a `VideoDecodeError`."""
+def open_video(
+    path: str | Path, *, decoder_threads: int = 1
+) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    """Opens a file and returns (container, first video stream); any failure becomes a `VideoDecodeError`.
+
+    Decoding is single-threaded by default: parallelism comes from DataLoader workers, and a decoder with
+    no threads of its own is safe across `fork` (a forked worker that frees a container inherited with
+    FFmpeg worker threads can hang joining threads that do not exist in the child). 0 means FFmpeg's auto.
+    """
     path = str(path)
     if not os.path.exists(path):
         raise VideoDecodeError(path, "file not found")
@@ -84,7 +91,9 @@ def open_video(path: str | Path) -> tuple[av.container.InputContainer, av.video.
     if not container.streams.video:
         container.close()
         raise VideoDecodeError(path, "the file has no video stream")
-    return container, container.streams.video[0]
+    stream = container.streams.video[0]
+    stream.codec_context.thread_count = decoder_threads
+    return container, stream
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -136,9 +145,10 @@ class VideoFrameReader:
     `LeRobotDataset` are opened lazily in each DataLoader worker).
     """
 
-    def __init__(self, path: str | Path, *, forward_decode_limit_s: float = 2.0):
+    def __init__(self, path: str | Path, *, forward_decode_limit_s: float = 2.0, decoder_threads: int = 1):
         self.path = str(path)
         self.forward_decode_limit_s = forward_decode_limit_s
+        self.decoder_threads = decoder_threads
         self._container = None
         self._stream = None
         self._decoder = None  # iterator over decoded frames from the last seek
@@ -149,7 +159,7 @@ class VideoFrameReader:
     # -- container state -------------------------------------------------------------------------------
     def _ensure_open(self) -> None:
         if self._container is None:
-            self._container, self._stream = open_video(self.path)
+            self._container, self._stream = open_video(self.path, decoder_threads=self.decoder_threads)
             rate = self._stream.average_rate or self._stream.guessed_rate
             if rate:
                 self._fallback_fps = float(rate)

@@ -1,0 +1,55 @@
+"""The video data layer: LeRobot datasets (read v3.0/v2.1, write v3.0), human-video folders, frame pairs.
+
+    from training.data import load_lerobot_dataset, FramePairDataset, make_streaming_frame_pairs
+
+    robot = load_lerobot_dataset("outputs/metaworld")                 # folder or Hub repo id
+    pairs = FramePairDataset(robot, gap_seconds=0.6, image_size=128)   # (2, 3, 128, 128) float pairs
+    stream = make_streaming_frame_pairs(robot, image_size=128, rank=0, world_size=2)
+
+Modules: `video` (PyAV decode/encode), `lerobot_reader`, `lerobot_writer`, `lerobot_format` (format facts),
+`stats`, `frame_pairs`, `video_folder`, `errors`.
+"""
+
+from .errors import (
+    DataFileError,
+    DataLayerError,
+    EmptyEpisodeError,
+    FrameTimestampError,
+    GapLongerThanEpisodeError,
+    MissingCameraKeyError,
+    SkippedEpisode,
+    UnsupportedCodebaseVersionError,
+    VideoDecodeError,
+)
+from .frame_pairs import FramePairDataset, gap_in_frames, make_streaming_frame_pairs
+from .lerobot_reader import LeRobotDataset, LeRobotDatasetMetadata, load_lerobot_dataset, resolve_dataset_root
+from .lerobot_writer import LeRobotDatasetWriter
+from .video import VideoEncoder, VideoFrameReader, decode_video, encode_video, probe_video
+from .video_folder import VideoFolderDataset, read_video_labels
+
+__all__ = [
+    "DataFileError",
+    "DataLayerError",
+    "EmptyEpisodeError",
+    "FramePairDataset",
+    "FrameTimestampError",
+    "GapLongerThanEpisodeError",
+    "LeRobotDataset",
+    "LeRobotDatasetMetadata",
+    "LeRobotDatasetWriter",
+    "MissingCameraKeyError",
+    "SkippedEpisode",
+    "UnsupportedCodebaseVersionError",
+    "VideoDecodeError",
+    "VideoEncoder",
+    "VideoFolderDataset",
+    "VideoFrameReader",
+    "decode_video",
+    "encode_video",
+    "gap_in_frames",
+    "load_lerobot_dataset",
+    "make_streaming_frame_pairs",
+    "probe_video",
+    "read_video_labels",
+    "resolve_dataset_root",
+]

@@ -1,0 +1,331 @@
+"""Frame pairs (x_t, x_{t+gap}) for the latent action quantizer, map-style and streaming.
+
+The gap is given in seconds (reference: 0.6 s for robot video) and converted with each episode's fps:
+gap_frames = max(1, round(gap_seconds * fps)). As in the reference, a pair near the end of an episode is
+clamped: x_{t+gap} becomes the episode's last frame, so every frame t of an episode starts one pair;
+`drop_crossing=True` drops those pairs instead (then an episode of T frames gives T - gap pairs).
+
+An item is a dict:
+
+    pixel_values        (2, 3, S, S) uint8, or float32 in [0, 1]; [0] is x_t, [1] is x_{t+gap}
+    episode_index, frame_index (t), target_frame_index (t + gap, clamped), index (global index of frame t)
+    task                the instruction (LeRobot task, or the caption of a human video)
+    action              the action at frame t (LeRobot sources with actions only)
+
+Sources are a `LeRobotDataset` (`load_lerobot_dataset`) or a `VideoFolderDataset`. Both serve whole episodes:
+the map-style dataset decodes an episode once and keeps the last `episode_cache_size` decoded episodes
+(`frame_access="episode"`, fast for ordered or episode-grouped access such as labelling every frame), or
+seeks to the two frames of each pair (`frame_access="seek"`, for shuffled random access).
+`make_streaming_frame_pairs` builds a `datasets.IterableDataset` that decodes each episode once, in the
+worker that owns it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import OrderedDict
+from typing import Iterator
+
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from .errors import (
+    DataLayerError,
+    EmptyEpisodeError,
+    GapLongerThanEpisodeError,
+    SkippedEpisode,
+    log_skip_summary,
+    skipped_from_error,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def gap_in_frames(gap_seconds: float, fps: float) -> int:
+    """round(gap_seconds * fps), at least 1 frame."""
+    return max(1, int(round(gap_seconds * fps)))
+
+
+class FramePairDataset(torch.utils.data.Dataset):
+    """Map-style frame pairs of one camera of a LeRobot dataset or a video folder.
+
+    Args:
+        source: `LeRobotDataset` or `VideoFolderDataset`.
+        camera_key: camera feature name ("observation.images.corner", or just "corner"); None -> the first.
+        gap_seconds: time between the two frames of a pair.
+        image_size: S to resize frames to S x S while decoding (aspect ratio not kept); None keeps the size.
+        output: "float" (float32 in [0, 1]) or "uint8".
+        drop_crossing: drop pairs whose second frame would be past the episode end instead of clamping.
+        episodes: episode indices to use (default: all the source serves).
+        skip_corrupt: leave out empty episodes and episodes shorter than the gap (recorded in `.skipped`)
+            instead of raising; None -> the source's setting.
+        frame_access: "episode" (decode whole episodes, cached) or "seek" (decode the two frames of a pair).
+        episode_cache_size: decoded episodes kept per process with frame_access="episode".
+    """
+
+    def __init__(
+        self,
+        source,
+        *,
+        camera_key: str | None = None,
+        gap_seconds: float = 0.6,
+        image_size: int | None = None,
+        output: str = "float",
+        drop_crossing: bool = False,
+        episodes: list[int] | None = None,
+        skip_corrupt: bool | None = None,
+        frame_access: str = "episode",
+        episode_cache_size: int = 2,
+    ):
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+        if frame_access not in ("episode", "seek"):
+            raise ValueError(f"frame_access must be 'episode' or 'seek', got {frame_access!r}")
+        if not gap_seconds > 0:
+            raise ValueError(f"gap_seconds must be positive, got {gap_seconds}")
+        self.source = source
+        self.camera_key = source.resolve_camera_key(camera_key)
+        self.gap_seconds = gap_seconds
+        self.image_size = image_size
+        self.output = output
+        self.drop_crossing = drop_crossing
+        self.skip_corrupt = getattr(source, "skip_corrupt", False) if skip_corrupt is None else skip_corrupt
+        self.frame_access = frame_access
+        self.episode_cache_size = episode_cache_size
+        self._episode_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        # What the source skipped, then what the pairing skips: one list of everything left out.
+        self.skipped: list[SkippedEpisode] = list(getattr(source, "skipped", []))
+
+        available = list(source.episode_indices)
+        if episodes is None:
+            selected = available
+        else:
+            missing = sorted(set(episodes) - set(available))
+            if missing:
+                raise KeyError(
+                    f"episodes {missing} are not served by the source (missing or skipped); "
+                    f"it serves {len(available)} episodes"
+                )
+            selected = [e for e in available if e in set(episodes)]
+
+        own_skipped: list[SkippedEpisode] = []
+        self.episode_indices: list[int] = []
+        self._gaps: dict[int, int] = {}
+        counts = []
+        for episode_index in selected:
+            length = source.episode_length(episode_index)
+            fps = source.episode_fps(episode_index)
+            gap = gap_in_frames(gap_seconds, fps)
+            where = source.describe_episode(episode_index, self.camera_key)
+            error = None
+            if length <= 0:
+                error = EmptyEpisodeError(where, episode_index=episode_index)
+            elif gap >= length:
+                error = GapLongerThanEpisodeError(
+                    where, episode_index=episode_index, length=length, gap_frames=gap, fps=fps
+                )
+            if error is not None:
+                if not self.skip_corrupt:
+                    raise error
+                own_skipped.append(skipped_from_error(error, episode_index=episode_index, path=where))
+                continue
+            self.episode_indices.append(episode_index)
+            self._gaps[episode_index] = gap
+            counts.append(length - gap if drop_crossing else length)
+        self.skipped.extend(own_skipped)
+        log_skip_summary(logger, own_skipped, what=f"frame pairs (gap {gap_seconds}s)")
+        self._offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
+        self._positions = {episode_index: i for i, episode_index in enumerate(self.episode_indices)}
+
+    # -- indexing ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def num_pairs(self, episode_index: int) -> int:
+        position = self._positions[episode_index]
+        return int(self._offsets[position + 1] - self._offsets[position])
+
+    def gap_frames(self, episode_index: int) -> int:
+        return self._gaps[episode_index]
+
+    def locate(self, idx: int) -> tuple[int, int, int]:
+        """(episode_index, t, t + gap clamped to the last frame) of pair `idx`."""
+        if idx < 0:
+            idx += len(self)
+        if not 0 <= idx < len(self):
+            raise IndexError(f"pair index {idx} out of range for {len(self)} pairs")
+        position = int(np.searchsorted(self._offsets, idx, side="right") - 1)
+        episode_index = self.episode_indices[position]
+        t = idx - int(self._offsets[position])
+        return episode_index, t, self._target(episode_index, t)
+
+    def _target(self, episode_index: int, t: int) -> int:
+        return min(t + self._gaps[episode_index], self.source.episode_length(episode_index) - 1)
+
+    # -- decoding ----------------------------------------------------------------------------------------
+    def decode_episode(self, episode_index: int) -> np.ndarray:
+        """All frames of an episode for this camera and size: (T, S, S, 3) uint8, decoded once."""
+        return self.source.decode_episode(episode_index, self.camera_key, size=self.image_size)
+
+    def _cached_episode(self, episode_index: int) -> np.ndarray:
+        frames = self._episode_cache.pop(episode_index, None)
+        if frames is None:
+            frames = self.decode_episode(episode_index)
+        self._episode_cache[episode_index] = frames
+        while len(self._episode_cache) > self.episode_cache_size:
+            self._episode_cache.popitem(last=False)
+        return frames
+
+    def make_item(self, episode_index: int, t: int, pair: np.ndarray, *, as_float: bool | None = None) -> dict:
+        """The item of pair (t, t + gap) from its two frames (2, H, W, 3) uint8."""
+        pixels = torch.from_numpy(np.ascontiguousarray(pair.transpose(0, 3, 1, 2)))  # (2, 3, H, W)
+        to_float = (self.output == "float") if as_float is None else as_float
+        if to_float:
+            pixels = pixels.float().div_(255.0)
+        item = {
+            "pixel_values": pixels,
+            "episode_index": int(episode_index),
+            "frame_index": int(t),
+            "target_frame_index": self._target(episode_index, t),
+            "index": self.source.episode_first_index(episode_index) + int(t),
+            "task": self.source.episode_task(episode_index, int(t)),
+        }
+        actions = self.source.episode_actions(episode_index)
+        if actions is not None:
+            item["action"] = torch.from_numpy(np.array(actions[t], dtype=np.float32))
+        return item
+
+    def __getitem__(self, idx: int) -> dict:
+        episode_index, t, target = self.locate(idx)
+        if self.frame_access == "episode":
+            pair = self._cached_episode(episode_index)[[t, target]]
+        else:
+            pair = self.source.read_frames(episode_index, self.camera_key, [t, target], size=self.image_size)
+        return self.make_item(episode_index, t, pair)
+
+    def iter_episode(
+        self, episode_index: int, *, order: np.ndarray | None = None, as_float: bool | None = None
+    ) -> Iterator[dict]:
+        """Every pair of one episode, decoding it once; `order` permutes the frame indices t."""
+        frames = self.decode_episode(episode_index)
+        count = self.num_pairs(episode_index)
+        for t in range(count) if order is None else order:
+            yield self.make_item(episode_index, int(t), frames[[t, self._target(episode_index, int(t))]], as_float=as_float)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_episode_cache"] = OrderedDict()  # decoded frames are a per-process cache
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"FramePairDataset(pairs={len(self)}, episodes={len(self.episode_indices)}, camera={self.camera_key!r}, "
+            f"gap_seconds={self.gap_seconds}, image_size={self.image_size}, output={self.output!r}, "
+            f"drop_crossing={self.drop_crossing}, skipped={len(self.skipped)})"
+        )
+
+
+# -- streaming ---------------------------------------------------------------------------------------------
+def _generate_episode_pairs(
+    episode_shards: list[list[int]], pairs: FramePairDataset, shuffle: bool, seed: int
+) -> Iterator[dict]:
+    """Generator of `datasets.IterableDataset.from_generator`: `datasets` calls it once per shard.
+
+    A shard is a list of episodes; each is decoded once and its pairs are yielded in a permutation fixed by
+    (seed, episode), so that resuming from a state_dict (which re-runs the shard and skips what was already
+    yielded) yields exactly the pairs that were not.
+    """
+    for shard in episode_shards:
+        for episode_index in shard:
+            order = None
+            if shuffle:
+                order = np.random.default_rng([seed, episode_index]).permutation(pairs.num_pairs(episode_index))
+            try:
+                yield from pairs.iter_episode(episode_index, order=order, as_float=False)
+            except DataLayerError as error:
+                if not pairs.skip_corrupt:
+                    raise
+                # Logged from the worker that met it; pairs already yielded from the episode stay yielded.
+                logger.warning("streaming frame pairs: skipped episode %d: %s", episode_index, error)
+
+
+def _pixels_to_float(item: dict) -> dict:
+    item["pixel_values"] = item["pixel_values"].float().div_(255.0)
+    return item
+
+
+def make_streaming_frame_pairs(
+    source,
+    *,
+    camera_key: str | None = None,
+    gap_seconds: float = 0.6,
+    image_size: int | None = None,
+    output: str = "float",
+    drop_crossing: bool = False,
+    episodes: list[int] | None = None,
+    skip_corrupt: bool | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    shuffle_buffer_size: int | None = None,
+    interleave_episodes: int = 8,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> datasets.IterableDataset:
+    """Frame pairs as a `datasets.IterableDataset`, one shard per episode.
+
+    Each episode is decoded once, sequentially, by the process that owns its shard. Sharding does the rest:
+    `split_dataset_by_node` gives each rank its episodes (or, when the number of episodes is not divisible by
+    `world_size`, every rank reads all and keeps every world_size-th pair), and a DataLoader gives each worker
+    a share of its rank's episodes, so no pair is read twice.
+
+    Shuffling (`shuffle=True`), all of it reproducible from `seed` and resumable exactly from
+    `state_dict()`: the episode order is shuffled (reshuffled by `set_epoch`), pairs within an episode come
+    in a seeded permutation, and `interleave_episodes` episodes are read round-robin at a time (datasets'
+    `max_buffer_input_shards`), which mixes episodes without holding pixels in a buffer.
+    `shuffle_buffer_size` adds datasets' shuffle buffer of that many pairs on top; datasets does not save
+    the buffer in `state_dict()`, so after a resume the pairs that were in the buffer are not seen again in
+    that epoch (none is seen twice).
+
+    `source` is a `LeRobotDataset`, a `VideoFolderDataset` or a `FramePairDataset` (whose settings are then
+    used and the pairing arguments ignored). Items are those of `FramePairDataset` (tensors).
+    """
+    if isinstance(source, FramePairDataset):
+        pairs = source
+    else:
+        pairs = FramePairDataset(
+            source,
+            camera_key=camera_key,
+            gap_seconds=gap_seconds,
+            image_size=image_size,
+            output=output,
+            drop_crossing=drop_crossing,
+            episodes=episodes,
+            skip_corrupt=skip_corrupt,
+        )
+    if not pairs.episode_indices:
+        raise ValueError(f"no episode to stream (skipped: {len(pairs.skipped)})")
+    dataset = datasets.IterableDataset.from_generator(
+        _generate_episode_pairs,
+        gen_kwargs={
+            "episode_shards": [[episode_index] for episode_index in pairs.episode_indices],
+            "pairs": pairs,
+            "shuffle": shuffle,
+            "seed": seed,
+        },
+    )
+    if shuffle:
+        shuffle_kwargs = {"seed": seed, "buffer_size": shuffle_buffer_size or 1}
+        if "max_buffer_input_shards" in inspect.signature(datasets.IterableDataset.shuffle).parameters:
+            shuffle_kwargs["max_buffer_input_shards"] = max(1, interleave_episodes)
+        dataset = dataset.shuffle(**shuffle_kwargs)
+    if world_size is not None:
+        if rank is None:
+            raise ValueError("pass rank together with world_size")
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    if pairs.output == "float":
+        # Converted after the shuffle buffer, which then holds uint8 pixels (4x less memory).
+        dataset = dataset.map(_pixels_to_float)
+    return dataset
