@@ -12,9 +12,9 @@ and file layout, and `meta/` with the new feature, its statistics and a record o
 under `info.json["latent_action_labelling"]`. It loads with `training.data.load_lerobot_dataset` and with
 `datasets.load_dataset("parquet", data_files=".../data/*/*.parquet")`.
 
-How it runs: episodes are grouped into shards; process r labels shards r, r+W, ... and writes each finished
-shard atomically to `<output>/.labelling/`; a killed run resumes from there (rerun the same command) without
-duplicating or losing rows, with any number of processes. When all shards exist the main process merges them
+How it runs: episodes are grouped into shards; process r of W labels the unfinished shards r, r+W, ... and writes
+each finished shard atomically to `<output>/.labelling/`; a killed run resumes from there (rerun the same command)
+without duplicating or losing rows, with any number of processes. When all shards exist the main process merges them
 into the output and removes the work dir. Each episode is decoded once (in `--num-workers` DataLoader workers,
 ahead of the model) at the quantizer's image size, and its pairs are encoded in fixed chunks of `--batch-size`
 from its first frame in fp32: the codes are the same whatever the number of processes. See
@@ -304,8 +304,10 @@ def run(args, accelerator, setup: dict) -> int:
     accelerator.wait_for_everyone()  # the work dir is ready: from here on, processes only meet through files
 
     finished = work_dir.finished_shards()
+    # The shards still to do are dealt round-robin, so a resumed run (with any number of processes) is balanced.
+    unfinished = [s for s in range(plan["num_shards"]) if s not in finished]
     pending = [
-        [s for s in shards_of_process(plan["num_shards"], rank, accelerator.num_processes) if s not in finished]
+        [unfinished[i] for i in shards_of_process(len(unfinished), rank, accelerator.num_processes)]
         for rank in range(accelerator.num_processes)
     ]
     mine = pending[accelerator.process_index]

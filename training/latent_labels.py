@@ -4,8 +4,8 @@ Labelling turns a LeRobot v3.0 dataset into the same dataset plus one per-frame 
 codes the quantizer's encoder gives the frame pair (x_t, x_{t+gap}), the gap clamped at the episode end as in
 training, so that every frame gets a label.
 
-The work is cut into shards, fixed groups of consecutive episodes (`plan_shards`). Process r of W labels shards
-r, r+W, ...; each finished shard's codes go to one parquet file in the work dir `<output>/.labelling/`, written
+The work is cut into shards, fixed groups of consecutive episodes (`plan_shards`). Process r of W labels the
+unfinished shards r, r+W, ...; each finished shard's codes go to one parquet file in the work dir `<output>/.labelling/`, written
 atomically (temporary file, fsync, rename), so a killed run leaves only whole shards and resuming skips them.
 When every shard exists the main process merges (`merge_labelled_dataset`): the source's videos are hard-linked
 (or copied) unchanged, its data parquet files are rewritten with every original column plus `latent_action`, in
@@ -186,7 +186,7 @@ def plan_shards(episode_indices: list[int], episodes_per_shard: int) -> list[lis
 
 
 def shards_of_process(num_shards: int, process_index: int, num_processes: int) -> list[int]:
-    """Process r of W takes shards r, r+W, r+2W, ..."""
+    """Process r of W takes shards r, r+W, r+2W, ... (positions in the list of shards still to label)."""
     return list(range(process_index, num_shards, num_processes))
 
 
