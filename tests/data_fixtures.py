@@ -39,12 +39,12 @@ def synthetic_frames(num_frames: int, *, seed: int = 0, height: int = HEIGHT, wi
 
 
 def encode_frames(path: Path, clips: list[np.ndarray], *, fps: int = FPS, codec: str = "libx264",
-                  options: dict | None = None) -> list[tuple[float, float]]:
+                  options: dict | None = None, container_options: dict | None = None) -> list[tuple[float, float]]:
     """Encodes clips one after another in one file; returns each clip's [from, to) seconds in the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = clips[0].shape[1:3]
     ranges, pts = [], 0
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", container_options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = Fraction(1, fps)

@@ -604,7 +604,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"LeRobotDataset(root={str(self.root)!r}, version={self.meta.codebase_version}, "
-            f"episodes={len(self.episode_indices)}, frames={len(self)}, cameras={self.meta.camera_keys}, "
+            f"episodes={len(getattr(self, 'episode_indices', []))}, cameras={self.meta.camera_keys}, "
             f"skipped={len(self.skipped)})"
         )
 

@@ -314,7 +314,7 @@ class LeRobotDatasetWriter:
     def _write_video(self, key: str, frames: np.ndarray) -> dict:
         encoder = self._encoders.get(key)
         if encoder is not None and encoder.frames_written > 0:
-            size_mb = encoder.file_size_bytes / _MB
+            size_mb = encoder.estimated_size_bytes / _MB
             if size_mb + size_mb / encoder.frames_written * len(frames) >= self.video_files_size_mb:
                 encoder.close()
                 self._video_locations[key] = next_chunk_file(*self._video_locations[key], self.chunks_size)

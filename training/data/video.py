@@ -400,7 +400,15 @@ class VideoEncoder:
         self._stream.pix_fmt = pix_fmt
         self._stream.time_base = self._time_base
         self.frames_written = 0
+        self._packets_muxed = 0
+        self._bytes_muxed = 0
         self._closed = False
+
+    def _mux(self, packets) -> None:
+        for packet in packets:
+            self._packets_muxed += 1
+            self._bytes_muxed += packet.size
+            self._container.mux(packet)
 
     def add_frames(self, frames: np.ndarray, *, keyframe_first: bool = True) -> tuple[int, int]:
         """Encodes frames (T, H, W, 3) uint8 after those already written; returns their [start, end) frame
@@ -420,22 +428,26 @@ class VideoEncoder:
             frame.time_base = self._time_base
             if keyframe_first and offset == 0:
                 frame.pict_type = av.video.frame.PictureType.I
-            for packet in self._stream.encode(frame):
-                self._container.mux(packet)
+            self._mux(self._stream.encode(frame))
         self.frames_written = start + len(frames)
         return start, self.frames_written
 
     @property
-    def file_size_bytes(self) -> int:
-        """Bytes on disk so far (the encoder holds back a few frames until `close()`)."""
-        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+    def estimated_size_bytes(self) -> float:
+        """Estimated file size once the frames written so far are flushed.
+
+        The encoder holds back frames (x264's lookahead) and the muxer buffers its output, so the bytes on
+        disk lag behind; the bytes of the packets produced so far, scaled to all frames written, do not.
+        """
+        if self._packets_muxed == 0:
+            return 0.0
+        return self._bytes_muxed / self._packets_muxed * self.frames_written
 
     def close(self) -> None:
         """Flushes the encoder and writes the container index; the file is readable only after this."""
         if self._closed:
             return
-        for packet in self._stream.encode():
-            self._container.mux(packet)
+        self._mux(self._stream.encode())
         self._container.close()
         self._closed = True
 
