@@ -478,6 +478,47 @@ def generate_dataset(
     return summary
 
 
+def write_sample_grid(
+    dataset_root: str | Path, path: str | Path, *, episodes: Sequence[int] | None = None, frames_per_episode: int = 3
+) -> Path:
+    """Save a PNG grid of frames from a generated dataset: one tile per episode (first camera).
+
+    Each tile shows ``frames_per_episode`` evenly spaced frames (first to last) with the task's instruction
+    underneath; by default one episode per task. Frames are decoded from the stored videos, so the grid
+    shows what a training run will see.
+    """
+    from PIL import Image, ImageDraw
+
+    from training.data import load_lerobot_dataset
+
+    dataset = load_lerobot_dataset(dataset_root)
+    if episodes is None:
+        first_of_task: dict[str, int] = {}
+        for index in range(dataset.meta.total_episodes):
+            first_of_task.setdefault(dataset.episode_task(index), index)
+        episodes = list(first_of_task.values())
+    camera = dataset.meta.camera_keys[0]
+    caption_height, columns = 14, min(5, len(episodes))
+    tiles = []
+    for index in episodes:
+        frames = dataset.decode_episode(index, camera)
+        picks = np.linspace(0, len(frames) - 1, frames_per_episode).round().astype(int)
+        strip = np.concatenate([frames[i] for i in picks], axis=1)
+        tile = Image.new("RGB", (strip.shape[1], strip.shape[0] + caption_height), "white")
+        tile.paste(Image.fromarray(strip), (0, 0))
+        ImageDraw.Draw(tile).text((2, strip.shape[0] + 1), dataset.episode_task(index), fill="black")
+        tiles.append(tile)
+    width, height = tiles[0].size
+    rows = -(-len(tiles) // columns)
+    grid = Image.new("RGB", (columns * (width + 4) - 4, rows * (height + 4) - 4), "white")
+    for position, tile in enumerate(tiles):
+        grid.paste(tile, ((position % columns) * (width + 4), (position // columns) * (height + 4)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path, optimize=True)
+    return path
+
+
 # ---------------------------------------------------------------------- command line
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -511,6 +552,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crf", type=int, default=23, help="H.264 quality, lower is better (default 23)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--sample-grid", default=None,
+                        help="also save a PNG grid of frames (one episode per task) at this path")
     return parser
 
 
@@ -546,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
     summary = generate_dataset(config, output, overwrite=args.overwrite, progress=not args.no_progress)
     print(summary.table())
     print(f"wrote {output}")
+    if args.sample_grid:
+        print(f"wrote {write_sample_grid(output, args.sample_grid)}")
     return summary
 
 

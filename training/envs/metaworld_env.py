@@ -180,7 +180,15 @@ class MetaWorldTaskEnv:
         model.vis.quality.offsamples = 0
         model.vis.global_.offwidth = max(int(model.vis.global_.offwidth), render_size)
         model.vis.global_.offheight = max(int(model.vis.global_.offheight), render_size)
-        self._renderer = mujoco.Renderer(model, height=render_size, width=render_size)
+        try:
+            self._renderer = mujoco.Renderer(model, height=render_size, width=render_size)
+        except mujoco.FatalError as error:
+            raise RuntimeError(
+                f"MuJoCo could not create an OpenGL context ({error}). For headless rendering set "
+                "MUJOCO_GL=egl before mujoco is first imported (this module does it when it is imported "
+                f"first; MUJOCO_GL is now {os.environ.get('MUJOCO_GL')!r}) and install the EGL libraries "
+                "(Debian: libegl1 libegl-mesa0 libgl1-mesa-dri)."
+            ) from error
         self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         # Camera orientations are world-frame after a forward pass; decide the flip once per camera so a
@@ -237,5 +245,7 @@ class ScriptedExpert:
         """The expert's action (4,) float32 for a full Meta-World observation, clipped to [-1, 1]."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            action = self._policy.get_action(observation)
+            # A copy: some policies edit the observation they are given in place (door-open shifts the
+            # door position it reads), which would corrupt the caller's observation.
+            action = self._policy.get_action(np.array(observation, dtype=np.float64, copy=True))
         return np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
