@@ -1,0 +1,159 @@
+"""training/train_quantizer.py: settings resolution, exact resume after a kill, 2-process training in sync."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+from training.data import LeRobotDatasetWriter
+from training.train_quantizer import QuantizerTrainingConfig, resolve_config, split_episodes
+
+SCRIPT = str(REPO_ROOT / "training" / "train_quantizer.py")
+TINY_MODEL = dict(hidden_size=32, quant_dim=8, codebook_size=8, code_seq_len=4, image_size=32, patch_size=4,
+                  spatial_depth=1, temporal_depth=1, num_heads=2, head_dim=16)
+
+
+def write_moving_square_dataset(root, episodes=6, length=24, size=32, fps=10, seed=0):
+    """A LeRobot v3.0 dataset: a square moving at a constant per-episode velocity; the action is that velocity."""
+    rng = np.random.default_rng(seed)
+    with LeRobotDatasetWriter(root, fps=fps, crf=18) as writer:
+        for e in range(episodes):
+            velocity = rng.integers(-2, 3, size=2)
+            y, x = rng.integers(8, size - 16, size=2)
+            frames = np.zeros((length, size, size, 3), dtype=np.uint8)
+            state = np.zeros((length, 2), dtype=np.float32)
+            for t in range(length):
+                py = int(np.clip(y + velocity[0] * t, 0, size - 6))
+                px = int(np.clip(x + velocity[1] * t, 0, size - 6))
+                frames[t, py : py + 6, px : px + 6] = (255, 200, 60)
+                state[t] = (py, px)
+            action = np.repeat(velocity[None].astype(np.float32), length, axis=0)
+            writer.add_episode({"observation.images.cam": frames}, task=f"move {'up' if e % 2 else 'down'}",
+                               state=state, action=action)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_moving_square_dataset(tmp_path_factory.mktemp("squares") / "ds")
+
+
+def run_config(tmp_path, dataset, **overrides):
+    settings = dict(dataset=[str(dataset)], model=TINY_MODEL, batch_size=8, max_steps=12, save_every=4, eval_every=100,
+                    log_every=4, gap_seconds=0.2, holdout_episodes=2, learning_rate=1e-3, eval_max_pairs=64,
+                    probe_train_pairs=64, eval_batch_size=32, report_to="none", seed=3)
+    settings.update(overrides)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_settings_resolve_defaults_preset_file_then_command_line(tmp_path):
+    reference = resolve_config(["--preset", "reference", "--dataset", "d"])
+    assert (reference.learning_rate, reference.adam_betas, reference.max_grad_norm, reference.batch_size) == (1e-4, [0.9, 0.99], 0.5, 64)
+    assert (reference.weight_decay, reference.gap_seconds, reference.max_steps, reference.model_preset) == (0.0, 0.6, 100_000, "reference")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"preset": "tiny", "learning_rate": 2e-4, "dataset": ["a"], "model": {"hidden_size": 64}}))
+    c = resolve_config(["--config", str(tmp_path / "c.yaml"), "--batch-size", "7", "--model", "num_heads=2"])
+    assert c.learning_rate == 2e-4 and c.batch_size == 7 and c.model == {"hidden_size": 64, "num_heads": 2}
+    assert c.model_preset == "tiny" and c.dataset == ["a"]
+    c = resolve_config(["--dataset", "a", "--adam-betas", "[0.8, 0.9]", "--mixed-precision", "bf16"])
+    assert c.adam_betas == [0.8, 0.9] and c.mixed_precision == "bf16"
+
+
+def test_unknown_or_bad_settings_are_refused(tmp_path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"learning_rat": 1e-3, "dataset": ["a"]}))
+    with pytest.raises(ValueError, match=r"'learning_rat' \(did you mean 'learning_rate'\?\)"):
+        resolve_config(["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(SystemExit):
+        resolve_config(["--dataset", "a", "--learning-rat", "1"])
+    with pytest.raises(ValueError, match="No data"):
+        resolve_config([])
+    with pytest.raises(ValueError, match="Unknown quantizer setting"):
+        resolve_config(["--dataset", "a", "--model", "hidden=3"])
+    with pytest.raises(ValueError, match="one weight per source"):
+        resolve_config(["--dataset", "a", "--dataset", "b", "--mix-weights", "[1.0]"])
+    with pytest.raises(ValueError, match="one --labels file per --video-folder"):
+        resolve_config(["--video-folder", "v"])
+
+
+def test_holdout_split_is_stratified_and_reproducible(dataset):
+    from training.data import load_lerobot_dataset
+
+    source = load_lerobot_dataset(dataset)
+    train, held = split_episodes(source, 2, seed=0)
+    assert len(held) == 2 and not set(train) & set(held) and sorted(train + held) == list(range(6))
+    assert {source.episode_task(e) for e in held} == {"move up", "move down"}
+    assert split_episodes(source, 2, seed=0) == (train, held)
+    train, held = split_episodes(source, 0.34, seed=1)
+    assert len(held) == 2
+
+
+def _train(args, env, **kwargs):
+    return subprocess.Popen([sys.executable, SCRIPT, *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path, dataset):
+    config = run_config(tmp_path, dataset)
+    env = _env()
+    straight = _train(["--config", str(config), "--output-dir", str(tmp_path / "straight")], env)
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out[-3000:]
+
+    killed = _train(["--config", str(config), "--output-dir", str(tmp_path / "killed")], env)
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "step-0000004" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first_checkpoint.exists(), "the run never wrote its first checkpoint"
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert not (tmp_path / "killed" / "model").exists()  # it really died before the end
+
+    refused = _train(["--config", str(config), "--output-dir", str(tmp_path / "killed")], env)
+    out, _ = refused.communicate(timeout=300)
+    assert refused.returncode != 0 and "--resume" in out  # no silent restart over an existing run
+
+    resumed = _train(["--config", str(config), "--output-dir", str(tmp_path / "killed"), "--resume"], env)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    state = json.loads((tmp_path / "killed" / "checkpoints" / "step-0000012" / "trainer_state.json").read_text())
+    assert state["step"] == 12
+
+
+def test_two_process_training_keeps_identical_codebooks(tmp_path, dataset):
+    config = run_config(tmp_path, dataset, max_steps=20, save_every=10, model={**TINY_MODEL, "replacement_steps": [5, 10, 15, 20]})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+           SCRIPT, "--config", str(config), "--output-dir", str(tmp_path / "ddp")]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "replaced" in result.stderr + result.stdout
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-0000020" / "trainer_state.json").read_text())
+    checks = state["codebook_sync_checks"]
+    assert [c["step"] for c in checks] == [10, 20]
+    assert all(c["codebooks_identical"] and c["world_size"] == 2 for c in checks)
+    assert state["config"]["effective_batch_size"] == 16
