@@ -14,8 +14,10 @@ import pytest  # noqa: E402
 
 from training.data import load_lerobot_dataset  # noqa: E402
 from training.envs.metaworld_data import (  # noqa: E402
+    MAX_EPISODES_PER_CHUNK,
     EpisodeSpec,
     GenerationConfig,
+    chunk_specs,
     generate_dataset,
     main,
     run_expert_episode,
@@ -130,6 +132,16 @@ def test_cli_rejects_bad_options(tmp_path, capsys, arguments, message):
     with pytest.raises(SystemExit):
         main(["--tasks", "reach", "--output", str(tmp_path / "out"), *arguments])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tasks, episodes, workers", [(10, 2, 2), (1, 100, 2), (2, 1, 2), (50, 10, 4)])
+def test_chunks_keep_order_stay_within_a_task_and_stay_small(tasks, episodes, workers):
+    specs = [EpisodeSpec(f"task-{t}", k) for t in range(tasks) for k in range(episodes)]
+    chunks = chunk_specs(specs, workers)
+    assert [spec for chunk in chunks for spec in chunk] == specs
+    assert all(len({spec.task_name for spec in chunk}) == 1 for chunk in chunks)
+    assert max(len(chunk) for chunk in chunks) <= MAX_EPISODES_PER_CHUNK
+    assert len(chunks) >= min(len(specs), 2 * workers), "too few chunks to keep every worker busy"
 
 
 # ---------------------------------------------------------------------- env wrapper

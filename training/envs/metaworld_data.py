@@ -36,6 +36,7 @@ import sys
 import time
 import zlib
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -295,12 +296,40 @@ def _record_episode(spec: EpisodeSpec) -> EpisodeRecord:
     )
 
 
+def _run_on_chunk(function: Callable, specs: list[EpisodeSpec]) -> list:
+    """Worker side of :func:`_episode_runner`: ``function`` on each spec of one chunk, in order."""
+    return [function(spec) for spec in specs]
+
+
+#: Most episodes a worker runs per hand-out (bounds the frames it holds before returning them).
+MAX_EPISODES_PER_CHUNK = 8
+
+
+def chunk_specs(specs: Sequence[EpisodeSpec], num_workers: int) -> list[list[EpisodeSpec]]:
+    """Split specs into consecutive chunks of one task each, handed out to workers as units.
+
+    Building a task's env (initial-state benchmark, model, OpenGL context) takes about a second, as long
+    as an episode: a worker should run several episodes of a task in a row rather than every worker
+    building every task. Chunks are small enough to keep all workers busy until the end (about four per
+    worker) and hold at most ``MAX_EPISODES_PER_CHUNK`` episodes.
+    """
+    size = max(1, min(MAX_EPISODES_PER_CHUNK, -(-len(specs) // (4 * num_workers))))
+    chunks: list[list[EpisodeSpec]] = []
+    for spec in specs:
+        if chunks and chunks[-1][0].task_name == spec.task_name and len(chunks[-1]) < size:
+            chunks[-1].append(spec)
+        else:
+            chunks.append([spec])
+    return chunks
+
+
 @contextmanager
 def _episode_runner(config: GenerationConfig) -> Iterator[Callable]:
-    """Yield ``run(function, specs)``: an ordered iterator of ``function(spec)`` over worker processes.
+    """Yield ``run(function, specs)``: an iterator of ``function(spec)`` for each spec, in the specs' order.
 
     With one worker everything runs in this process (no start-up cost, easy to debug); otherwise a pool
-    of "spawn" processes (fork would copy this process's threads and any OpenGL state) does the work.
+    of "spawn" processes (fork would copy this process's threads and any OpenGL state) runs chunks of
+    same-task episodes (:func:`chunk_specs`), and the results come back in order whatever finishes first.
     """
     if config.num_workers == 1:
         _init_worker(config, single_threaded_rendering=False)
@@ -309,10 +338,17 @@ def _episode_runner(config: GenerationConfig) -> Iterator[Callable]:
         finally:
             _close_worker_envs()
         return
+
     context = multiprocessing.get_context("spawn")
     pool = context.Pool(config.num_workers, initializer=_init_worker, initargs=(config, True))
+
+    def run(function: Callable, specs: Sequence[EpisodeSpec]) -> Iterator:
+        chunks = chunk_specs(specs, config.num_workers)
+        for results in pool.imap(partial(_run_on_chunk, function), chunks, chunksize=1):
+            yield from results
+
     try:
-        yield lambda function, specs: pool.imap(function, specs, chunksize=1)
+        yield run
         pool.close()
         pool.join()
     finally:

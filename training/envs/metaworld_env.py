@@ -26,6 +26,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import functools  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
@@ -70,6 +71,14 @@ class StepResult:
     info: dict[str, Any]
 
 
+@functools.lru_cache(maxsize=64)
+def _initial_state_benchmark(task_name: str, benchmark_seed: int) -> metaworld.Benchmark:
+    """``metaworld.MT1(task_name, seed=benchmark_seed)``, cached per process: building one runs 50 resets
+    (about half a second), and its 50 train tasks are the initial states of seeds
+    ``50 * benchmark_seed ... 50 * benchmark_seed + 49``."""
+    return metaworld.MT1(task_name, seed=benchmark_seed)
+
+
 class MetaWorldTaskEnv:
     """A Meta-World task with seeded initial states and upright offscreen camera rendering.
 
@@ -107,10 +116,8 @@ class MetaWorldTaskEnv:
         if render and not self.cameras:
             raise ValueError("Give at least one camera to render (or render=False).")
 
-        self._benchmarks: dict[int, metaworld.Benchmark] = {}
-        benchmark = self._benchmark(0)
-        self._env = benchmark.train_classes[self.task_name]()
-        self._env.set_task(benchmark.train_tasks[0])
+        # The task's env class, as MT1 builds it; reset(seed) gives it its task (initial state) each time.
+        self._env = metaworld.ALL_V3_ENVIRONMENTS[self.task_name]()
         if max_path_length is not None:
             if max_path_length < 1:
                 raise ValueError(f"max_path_length must be positive, got {max_path_length}")
@@ -127,18 +134,12 @@ class MetaWorldTaskEnv:
         self._observation: np.ndarray | None = None
 
     # ------------------------------------------------------------------ initial states
-    def _benchmark(self, benchmark_seed: int) -> metaworld.Benchmark:
-        """The (cached) ``MT1`` benchmark whose train tasks are this seed block's initial states."""
-        if benchmark_seed not in self._benchmarks:
-            self._benchmarks[benchmark_seed] = metaworld.MT1(self.task_name, seed=benchmark_seed)
-        return self._benchmarks[benchmark_seed]
-
     def reset(self, seed: int) -> np.ndarray:
         """Put the scene in the initial state of ``seed`` (>= 0) and return the first observation (39,)."""
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         block, index = divmod(int(seed), self.initial_states_per_benchmark)
-        self._env.set_task(self._benchmark(block).train_tasks[index])
+        self._env.set_task(_initial_state_benchmark(self.task_name, block).train_tasks[index])
         self._env.seed(int(seed))  # Meta-World's reset ignores reset(seed=...); this seeds its spaces.
         observation, _ = self._env.reset()
         self._observation = observation
