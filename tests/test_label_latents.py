@@ -56,6 +56,16 @@ def _write_source(root: Path, lengths=LENGTHS) -> None:
             )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The in-process runs use one thread, like each process of the 2-process runs (OMP_NUM_THREADS=1): on 2
+    shared cores, two spinning threads make the tiny model 10-30x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("label_latents")
@@ -91,13 +101,10 @@ def _launch_two_processes(workspace: Path, output: Path, *extra: str, port: int)
 
 @pytest.fixture(scope="module")
 def single_run(workspace):
-    """The reference: one process, run as a script, one decoding worker."""
+    """The reference: one process (this one: the script's entry point runs under `accelerate launch` below), one
+    decoding worker process."""
     output = workspace / "single"
-    cmd = [sys.executable, str(REPO_ROOT / "training" / "label_latents.py"), *_common_args(workspace, output),
-           "--num-workers", "1"]
-    result = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, env=_env(), timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "labelled 43 frames of 5 episodes" in result.stdout
+    assert label_main(_common_args(workspace, output) + ["--num-workers", "1"]) == 0
     return output
 
 
@@ -202,9 +209,8 @@ def test_two_processes_killed_and_resumed_equal_one_process(workspace, single_ru
 
     single, double = _data_table(single_run), _data_table(output)
     assert double.equals(single)  # every frame once, same order, same codes
-    assert json.loads((output / "meta/stats.json").read_text()) == json.loads((single_run / "meta/stats.json").read_text())
-    info, single_info = (json.loads((root / "meta/info.json").read_text()) for root in (output, single_run))
-    assert info == single_info
+    for name in ("info.json", "stats.json"):
+        assert json.loads((output / "meta" / name).read_text()) == json.loads((single_run / "meta" / name).read_text())
     assert not work_dir.exists()
 
 
@@ -255,6 +261,8 @@ def test_clear_errors(workspace, tmp_path, capsys):
     (occupied / "notes.txt").write_text("keep me")
     code, err = _run_in_process(base[:4] + ["--output", str(occupied)], capsys)
     assert code == 2 and "exists and is not empty; pass --overwrite" in err
+    code, err = _run_in_process(base[:4] + ["--output", str(occupied), "--overwrite"], capsys)
+    assert code == 2 and "is not a labelled dataset or an unfinished labelling run" in err
     assert (occupied / "notes.txt").exists()
 
     build_v21_dataset(tmp_path / "v21")
@@ -281,3 +289,14 @@ def test_episode_too_short_for_the_gap_fails_or_is_kept_unlabelled(workspace, tm
     assert [(s["episode_index"], s["error_type"]) for s in record["skipped_episodes"]] == [
         (1, "GapLongerThanEpisodeError")]
     assert load_lerobot_dataset(tmp_path / "out")[7]["latent_action"].tolist() == [UNLABELLED_CODE] * 4
+
+
+def test_relabelling_a_labelled_dataset_replaces_its_labels(workspace, single_run, tmp_path, capsys):
+    output = tmp_path / "relabelled"
+    args = ["--dataset", str(single_run), "--quantizer", str(workspace / "quantizer"), "--output", str(output),
+            "--batch-size", str(BATCH_SIZE)]
+    assert _run_in_process(args, capsys)[0] == 0
+    assert _data_table(output).equals(_data_table(single_run))  # one latent_action column, the same codes
+    assert list(json.loads((output / "meta/info.json").read_text())["features"])[-1] == "latent_action"
+    table = datasets.load_dataset("parquet", data_files=str(output / "data/*/*.parquet"), split="train")
+    assert table.column_names.count("latent_action") == 1

@@ -52,6 +52,7 @@ from training.latent_labels import (
     check_source_is_v3,
     encode_episode,
     gap_seconds_from_training_config,
+    is_labelling_output,
     load_quantizer,
     merge_labelled_dataset,
     plan_shards,
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--no-resume", dest="resume", action="store_false",
                         help="refuse to continue an unfinished run (error if --output has one)")
     resume.add_argument("--overwrite", action="store_true",
-                        help="delete --output first, finished or not")
+                        help="delete --output first: a labelled dataset or an unfinished run (other non-empty "
+                             "folders are refused)")
     parser.add_argument("--copy-videos", action="store_true",
                         help="copy the video files instead of hard-linking them")
     parser.add_argument("--keep-work-dir", action="store_true",
@@ -174,9 +176,17 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 def decide_output_mode(output: Path, work_dir: LabellingWorkDir, plan: dict, args) -> str:
     """'fresh', 'resume' or 'overwrite', or a LabellingError saying why the run cannot start."""
-    if args.overwrite:
-        return "overwrite"
+    if output.exists() and not output.is_dir():
+        raise LabellingError(f"--output {output} exists and is not a folder")
     has_content = output.exists() and any(output.iterdir())
+    if args.overwrite:
+        if has_content and not is_labelling_output(output):
+            # A guard against a mistyped path: only folders this tool wrote are deleted.
+            raise LabellingError(
+                f"--output {output} is not empty and is not a labelled dataset or an unfinished labelling run; "
+                "--overwrite deletes only those. Choose another --output or empty the folder yourself"
+            )
+        return "overwrite"
     if work_dir.exists():
         if args.resume is False:
             raise LabellingError(
@@ -331,10 +341,10 @@ def run(args, accelerator, setup: dict) -> int:
         copy_videos=args.copy_videos, keep_work_dir=args.keep_work_dir,
     )
     skipped = record["skipped_episodes"]
-    print(
-        f"labelled {record['labelled_frames']} frames of {record['labelled_episodes']} episodes -> {output}"
-        + (f"; {len(skipped)} episode(s) skipped, their rows have latent_action -1 (see meta/info.json)" if skipped else "")
-    )
+    summary = f"labelled {record['labelled_frames']} frames of {record['labelled_episodes']} episodes -> {output}"
+    if skipped:
+        summary += f"; {len(skipped)} episode(s) skipped, their rows have latent_action -1 (see meta/info.json)"
+    print(summary)
     return 0
 
 

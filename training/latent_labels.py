@@ -5,8 +5,9 @@ codes the quantizer's encoder gives the frame pair (x_t, x_{t+gap}), the gap cla
 training, so that every frame gets a label.
 
 The work is cut into shards, fixed groups of consecutive episodes (`plan_shards`). Process r of W labels the
-unfinished shards r, r+W, ...; each finished shard's codes go to one parquet file in the work dir `<output>/.labelling/`, written
-atomically (temporary file, fsync, rename), so a killed run leaves only whole shards and resuming skips them.
+unfinished shards r, r+W, ...; each finished shard's codes go to one parquet file in the work dir
+`<output>/.labelling/`, written atomically (temporary file, fsync, rename), so a killed run leaves only whole shards
+and resuming skips them.
 When every shard exists the main process merges (`merge_labelled_dataset`): the source's videos are hard-linked
 (or copied) unchanged, its data parquet files are rewritten with every original column plus `latent_action`, in
 the same row order and file layout, and `meta/` is copied and updated (`info.json` features and a record of the
@@ -377,6 +378,20 @@ def latent_action_feature(code_seq_len: int) -> dict:
     return {"dtype": "int64", "shape": [code_seq_len], "names": [f"slot_{i}" for i in range(code_seq_len)]}
 
 
+def _without_old_labels(table: pa.Table) -> pa.Table:
+    """A source labelled before (relabelling with another quantizer): its `latent_action` column is dropped, also
+    from the `huggingface` schema metadata, and replaced by the new labels."""
+    if LATENT_ACTION_KEY not in table.column_names:
+        return table
+    table = table.drop_columns([LATENT_ACTION_KEY])
+    metadata = dict(table.schema.metadata or {})
+    if b"huggingface" in metadata:
+        hf = json.loads(metadata[b"huggingface"])
+        hf.get("info", {}).get("features", {}).pop(LATENT_ACTION_KEY, None)
+        metadata[b"huggingface"] = json.dumps(hf).encode()
+    return table.replace_schema_metadata(metadata)
+
+
 def _data_schema_with_labels(schema: pa.Schema, code_seq_len: int) -> pa.Schema:
     """The source's data schema with `latent_action` appended, and the `huggingface` schema metadata updated so
     that `datasets.load_dataset("parquet", ...)` reads every column back with its type."""
@@ -433,9 +448,8 @@ def _data_files(meta) -> list[Path]:
     """Relative paths of the source's data parquet files, in order (every episode's file, once)."""
     files = []
     for episode in meta.episodes:
-        relative = Path(
-            meta.info["data_path"].format(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
-        )
+        location = dict(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
+        relative = Path(meta.info["data_path"].format(**location))
         if relative not in files:
             files.append(relative)
     return files
@@ -454,15 +468,13 @@ def _rewrite_data_files(meta, output: Path, label_index, label_codes, skipped_ep
                 f"{source_path}: the source data file is unreadable ({error}); its rows cannot be carried over to "
                 "the labelled dataset (repair or remove it from the source)"
             ) from error
+        table = _without_old_labels(table)
         row_index = column_to_numpy(table.column("index")).astype(np.int64)
         row_episode = column_to_numpy(table.column("episode_index")).astype(np.int64)
-        position = np.searchsorted(label_index, row_index)
-        position = np.minimum(position, max(len(label_index) - 1, 0))
-        found = (len(label_index) > 0) & (label_index[position] == row_index) if len(label_index) else np.zeros(
-            len(row_index), bool
-        )
-        unlabelled_ok = np.isin(row_episode, list(skipped_episodes))
-        missing = ~found & ~unlabelled_ok
+        # label_index is sorted: each row's label is at its insertion point, if there is one
+        position = np.minimum(np.searchsorted(label_index, row_index), max(len(label_index) - 1, 0))
+        found = label_index[position] == row_index if len(label_index) else np.zeros(len(row_index), dtype=bool)
+        missing = ~found & ~np.isin(row_episode, sorted(skipped_episodes))
         if missing.any():
             bad = np.flatnonzero(missing)[:5]
             raise LabellingError(
@@ -563,6 +575,7 @@ def merge_labelled_dataset(
     _atomic_write_bytes(output / STATS_PATH, json.dumps(stats, indent=4).encode())
 
     info = json.loads((meta.root / INFO_PATH).read_text())
+    info["features"].pop(LATENT_ACTION_KEY, None)  # a relabelled source: the new feature goes last, like its column
     info["features"][LATENT_ACTION_KEY] = latent_action_feature(code_seq_len)
     full_record = dict(record)
     full_record.update(
@@ -581,6 +594,18 @@ def merge_labelled_dataset(
     if not keep_work_dir:
         work_dir.remove()
     return full_record
+
+
+def is_labelling_output(folder: Path) -> bool:
+    """Whether `folder` holds a labelling run, finished (info.json with the labelling record) or not (work dir):
+    the only non-empty folders `--overwrite` deletes."""
+    if (folder / WORK_DIR_NAME / PLAN_FILE).exists():
+        return True
+    info_path = folder / INFO_PATH
+    try:
+        return LABELLING_INFO_KEY in json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def check_source_is_v3(meta) -> None:
