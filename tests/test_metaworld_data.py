@@ -5,6 +5,7 @@ import os
 # MuJoCo picks its OpenGL backend when first imported: headless EGL, before anything imports mujoco.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -278,12 +279,15 @@ def test_two_worker_cli_gives_the_identical_dataset(tiny_dataset, tmp_path):
         "--episodes-per-task", "1", "--image-size", str(TINY_IMAGE_SIZE),
         "--cameras", ",".join(TINY_CAMERAS), "--steps-after-success", str(TINY_STEPS_AFTER_SUCCESS),
         "--num-workers", "2", "--no-progress", "--output", str(parallel_output),
-        "--sample-grid", str(tmp_path / "grid.png"),
+        "--sample-grid", str(tmp_path / "grid.png"), "--summary-json", str(tmp_path / "summary.json"),
     ]
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     completed = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert "reach-v3" in completed.stdout and "frames/s" in completed.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["tasks"]["reach-v3"]["success_rate"] == 1.0 and summary["frames_per_second"] > 0
+    assert summary["config"]["num_workers"] == 2
     from PIL import Image
 
     with Image.open(tmp_path / "grid.png") as grid:  # one tile per task: 3 frames wide, frame + caption high

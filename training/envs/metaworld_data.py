@@ -17,10 +17,11 @@ episode is stored with:
   (-1 if never) and ``control_dt`` (simulated seconds per frame).
 
 Frame rate. One frame is recorded per control step; a control step lasts ``env.dt`` = 12.5 ms of simulated
-time (80 Hz), and an expert solves a task in 30-190 steps (0.4-2.4 s). Declaring 80 fps would make the
-reference LAPA frame gap (0.6 s) span 48 steps, most of an episode. The dataset therefore declares 10 fps by
-default (``--fps``): videos play 8x slower than simulated time, a 0.6 s gap spans 6 control steps (at most
-6 cm of hand travel), comparable to a real robot's motion over the same gap in 5 Hz robot datasets.
+time (80 Hz), and an expert typically solves a task in 30-150 steps (0.4-1.9 s). Declaring 80 fps would
+make the reference LAPA frame gap (0.6 s) span 48 steps, half an episode or more. The dataset therefore
+declares 10 fps by default (``--fps``): videos play 8x slower than simulated time, and a 0.6 s gap spans
+6 control steps (at most 6 cm of hand travel), so a latent action describes one short arm motion, as it
+does on slow real-robot video. The true time scale is kept in each episode's ``control_dt``.
 
 Episodes end ``--steps-after-success`` steps (default 10) after the first success, or at ``--max-steps``
 (default: the env's 500). Episodes run in parallel worker processes (``--num-workers``); each returns its
@@ -30,14 +31,16 @@ arrays and the parent writes them in a fixed order, so the output does not depen
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import multiprocessing
 import os
 import sys
 import time
 import zlib
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -386,6 +389,21 @@ class GenerationSummary:
         """Recorded frames per wall-clock second (stepping, rendering, encoding and writing)."""
         return self.total_frames / self.seconds if self.seconds > 0 else 0.0
 
+    def to_dict(self) -> dict:
+        """JSON-ready summary: settings, per-task counts and success rates, frames and speed."""
+        config = dataclasses.asdict(self.config)
+        return {
+            "output": str(self.output),
+            "config": config,
+            "tasks": {
+                name: {**dataclasses.asdict(result), "success_rate": result.success_rate}
+                for name, result in self.tasks.items()
+            },
+            "total_frames": self.total_frames,
+            "seconds": self.seconds,
+            "frames_per_second": self.frames_per_second,
+        }
+
     def table(self) -> str:
         """A plain-text per-task table (episodes, successes, success rate, mean length)."""
         lines = [f"{'task':<30} {'episodes':>8} {'success':>8} {'rate':>6} {'mean len':>9}"]
@@ -449,8 +467,11 @@ def generate_dataset(
 
     from .metaworld_env import ACTION_NAMES, STATE_NAMES
 
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} exists and is not empty; pass overwrite=True to replace it")
     start = time.perf_counter()
-    summary = GenerationSummary(output=Path(output), config=config)
+    summary = GenerationSummary(output=output, config=config)
     summary.tasks = {task: TaskResult(task) for task in config.tasks}
     feature_names = {"observation.state": list(STATE_NAMES), "action": list(ACTION_NAMES)}
     with _episode_runner(config) as run:
@@ -589,6 +610,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crf", type=int, default=23, help="H.264 quality, lower is better (default 23)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--summary-json", default=None,
+                        help="also write the run's summary (per-task success, frames/s) as JSON at this path")
     parser.add_argument("--sample-grid", default=None,
                         help="also save a PNG grid of frames (one episode per task) at this path")
     return parser
@@ -626,6 +649,10 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
     summary = generate_dataset(config, output, overwrite=args.overwrite, progress=not args.no_progress)
     print(summary.table())
     print(f"wrote {output}")
+    if args.summary_json:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2))
+        print(f"wrote {args.summary_json}")
     if args.sample_grid:
         print(f"wrote {write_sample_grid(output, args.sample_grid)}")
     return summary
