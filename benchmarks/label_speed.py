@@ -78,9 +78,11 @@ def bench_preset(preset: str, *, episodes: int, frames_per_episode: int, batch_s
     source, quantizer = scratch / f"{preset}_source", scratch / f"{preset}_quantizer"
     write_dataset(source, episodes=episodes, frames_per_episode=frames_per_episode, size=size)
     torch.manual_seed(0)
-    LAPAQuantizerModel(config).save_pretrained(quantizer)
+    model = LAPAQuantizerModel(config)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(quantizer)
+    del model
     frames_total = episodes * frames_per_episode
-    num_parameters = sum(p.numel() for p in LAPAQuantizerModel(config).parameters())
     common = dict(preset=preset, image_size=size, params_m=round(num_parameters / 1e6, 2), episodes=episodes,
                   frames=frames_total, batch_size=batch_size)
 

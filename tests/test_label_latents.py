@@ -265,9 +265,8 @@ def test_clear_errors(workspace, tmp_path, capsys):
     assert code == 2 and "is not a labelled dataset or an unfinished labelling run" in err
     assert (occupied / "notes.txt").exists()
 
-    build_v21_dataset(tmp_path / "v21")
-    code, err = _run_in_process(["--dataset", str(tmp_path / "v21")] + base[2:], capsys)
-    assert code == 2 and "'v2.1'" in err and "v3.0" in err
+    code, err = _run_in_process(["--dataset", str(tmp_path / "missing")] + base[2:], capsys)
+    assert code == 2 and "neither an existing folder nor a Hub repo id" in err
     assert not (tmp_path / "out").exists()  # no error left anything behind
 
 
@@ -300,3 +299,37 @@ def test_relabelling_a_labelled_dataset_replaces_its_labels(workspace, single_ru
     assert list(json.loads((output / "meta/info.json").read_text())["features"])[-1] == "latent_action"
     table = datasets.load_dataset("parquet", data_files=str(output / "data/*/*.parquet"), split="train")
     assert table.column_names.count("latent_action") == 1
+
+
+def test_v21_source_becomes_a_v30_dataset_with_the_same_frames(workspace, tmp_path, capsys):
+    source, output = tmp_path / "v21", tmp_path / "out"
+    truth = build_v21_dataset(source)  # one parquet and one mp4 per episode, jsonl metadata
+    args = ["--dataset", str(source), "--quantizer", str(workspace / "quantizer"), "--output", str(output),
+            "--batch-size", str(BATCH_SIZE)]
+    assert _run_in_process(args, capsys)[0] == 0
+    info = json.loads((output / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info[LABELLING_INFO_KEY]["source"]["codebase_version"] == "v2.1"
+    camera = truth["cameras"][0]
+    for episode in range(len(truth["lengths"])):  # each episode's files, hard-linked under v3.0 names
+        old_video = source / f"videos/chunk-000/{camera}/episode_{episode:06d}.mp4"
+        assert filecmp.cmp(old_video, output / f"videos/{camera}/chunk-000/file-{episode:03d}.mp4", shallow=False)
+        old_rows = pq.read_table(source / f"data/chunk-000/episode_{episode:06d}.parquet")
+        new_rows = pq.read_table(output / f"data/chunk-000/file-{episode:03d}.parquet")
+        assert new_rows.select(old_rows.column_names).equals(old_rows)
+
+    original, labelled = load_lerobot_dataset(source), load_lerobot_dataset(output)
+    assert labelled.meta.codebase_version == "v3.0" and len(labelled) == len(original) == sum(truth["lengths"])
+    for position in range(len(original)):
+        item, source_item = labelled[position], original[position]
+        assert item["task"] == source_item["task"] and torch.equal(item["action"], source_item["action"])
+        assert torch.equal(item[camera], source_item[camera])
+    model = LAPAQuantizerModel.from_pretrained(workspace / "quantizer").eval()
+    pairs = FramePairDataset(original, gap_seconds=GAP_SECONDS, image_size=32)
+    items = list(pairs.iter_episode(1))
+    with torch.no_grad():
+        expected = torch.cat([model.encode(torch.stack([i["pixel_values"] for i in items[s : s + BATCH_SIZE]])).codes
+                              for s in range(0, len(items), BATCH_SIZE)])
+    start = truth["lengths"][0]
+    assert torch.equal(torch.stack([labelled[start + t]["latent_action"] for t in range(len(items))]), expected)
+    table = datasets.load_dataset("parquet", data_files=str(output / "data/*/*.parquet"), split="train")
+    assert len(table) == sum(truth["lengths"]) and table.features["latent_action"].length == 4

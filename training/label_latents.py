@@ -1,4 +1,4 @@
-"""Label every frame of a LeRobot v3.0 dataset with the latent action of (x_t, x_{t+gap}), over any number of processes.
+"""Label every frame of a LeRobot dataset with the latent action of (x_t, x_{t+gap}), over any number of processes.
 
     accelerate launch --num_processes 2 training/label_latents.py \\
         --dataset outputs/metaworld_mt10 --quantizer outputs/quantizer --output outputs/metaworld_mt10_latent
@@ -10,7 +10,8 @@ The output is a complete LeRobot v3.0 dataset: the source's videos (hard-linked,
 its data files with every original column plus `latent_action` (int64, s codes per frame), the same row order
 and file layout, and `meta/` with the new feature, its statistics and a record of the quantizer, gap and camera
 under `info.json["latent_action_labelling"]`. It loads with `training.data.load_lerobot_dataset` and with
-`datasets.load_dataset("parquet", data_files=".../data/*/*.parquet")`.
+`datasets.load_dataset("parquet", data_files=".../data/*/*.parquet")`. A v2.1 (or v2.0) source becomes a v3.0
+dataset the same way: its per-episode data and video files keep their content under v3.0 names, one episode per file.
 
 How it runs: episodes are grouped into shards; process r of W labels the unfinished shards r, r+W, ... and writes
 each finished shard atomically to `<output>/.labelling/`; a killed run resumes from there (rerun the same command)
@@ -49,7 +50,6 @@ from training.latent_labels import (
     LabellingError,
     LabellingWorkDir,
     auto_episodes_per_shard,
-    check_source_is_v3,
     encode_episode,
     gap_seconds_from_training_config,
     is_labelling_output,
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dataset", required=True, metavar="PATH_OR_REPO_ID",
-                        help="source LeRobot v3.0 dataset: a folder, or a Hub dataset repo id (read from the cache "
-                             "when HF_HUB_OFFLINE=1)")
+                        help="source LeRobot dataset (v3.0, or v2.1/v2.0): a folder, or a Hub dataset repo id "
+                             "(read from the cache when HF_HUB_OFFLINE=1)")
     parser.add_argument("--revision", default=None, help="Hub revision of a --dataset repo id")
     parser.add_argument("--quantizer", required=True, metavar="DIR",
                         help="a LAPA quantizer folder written by save_pretrained (or the converter)")
@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "training_config.json/.yaml beside the quantizer (or in its parent folder), else "
                              f"{DEFAULT_GAP_SECONDS} (the paper's gap for robot video)")
     parser.add_argument("--batch-size", type=int, default=64,
-                        help="frame pairs per forward pass; chunks start at each episode's first frame, so the "
-                             "codes depend on this value but not on the number of processes (default: 64)")
+                        help="frame pairs per forward pass (default: 64). Chunks start at each episode's first "
+                             "frame, so a frame's batch, and its codes bit for bit, do not depend on the number of "
+                             "processes; a resumed run must use the same value")
     parser.add_argument("--num-workers", type=int, default=1,
                         help="DataLoader workers per process decoding episodes ahead of the model; 0 decodes in "
                              "the main thread (default: 1)")
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         setup = prepare(args, accelerator)
-    except (LabellingError, DataLayerError) as error:
+    except (LabellingError, DataLayerError, FileNotFoundError) as error:
         if is_main:
             print(f"label_latents: error: {error}", file=sys.stderr)
         return 2
@@ -236,7 +237,6 @@ def prepare(args, accelerator) -> dict:
     source = load_lerobot_dataset(args.dataset, revision=args.revision, skip_corrupt=args.skip_corrupt)
     if _same_folder_or_nested(output, source.root):
         raise LabellingError(f"--output {output} is the source dataset or inside/around it ({source.root})")
-    check_source_is_v3(source.meta)
     model, record = load_quantizer(args.quantizer, device=accelerator.device)
     config = model.config
 

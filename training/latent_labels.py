@@ -18,6 +18,10 @@ Codes do not depend on the number of processes: each episode's pairs are encoded
 start at the episode's first frame, in fp32 and eval mode, so every pair is computed in the same batch whatever
 process takes its shard.
 
+A LeRobot v2.x source (one data and one video file per episode) becomes a v3.0 dataset without touching its
+frames: the n-th episode's files are hard-linked (or copied) to v3.0 data and video file (n // chunks_size,
+n % chunks_size), one episode per file (`legacy_v3_locations`), with v3.0 metadata written from the v2.x jsonl.
+
 Episodes that cannot be labelled (with `skip_corrupt`: unreadable videos, episodes shorter than the gap, ...) are
 never dropped silently: their rows stay in the output with every slot set to `UNLABELLED_CODE` (-1, not a valid
 code), and `info.json` lists them with the reason.
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -43,9 +48,19 @@ import torch
 from .data.errors import SkippedEpisode
 from .data.lerobot_format import (
     CODEBASE_VERSION,
+    DATA_PATH,
+    DEFAULT_CHUNKS_SIZE,
+    DEFAULT_DATA_FILES_SIZE_IN_MB,
+    DEFAULT_VIDEO_FILES_SIZE_IN_MB,
     EPISODES_DIR,
+    EPISODES_PATH,
     INFO_PATH,
+    LEGACY_EPISODES_PATH,
+    LEGACY_EPISODES_STATS_PATH,
+    LEGACY_TASKS_PATH,
     STATS_PATH,
+    TASKS_PATH,
+    VIDEO_PATH,
     column_to_numpy,
 )
 from .data.stats import compute_vector_stats, stats_to_json
@@ -192,9 +207,11 @@ def shards_of_process(num_shards: int, process_index: int, num_processes: int) -
 
 
 def source_fingerprint(root: Path) -> str:
-    """sha256 of the source's metadata files (info.json and the episodes tables): changes if the dataset does."""
+    """sha256 of the source's metadata files (info.json and the episodes tables, v3.0 or v2.x): changes if the
+    dataset does."""
     digest = hashlib.sha256()
     paths = [root / INFO_PATH] + sorted((root / EPISODES_DIR).glob("chunk-*/file-*.parquet"))
+    paths += [root / name for name in (LEGACY_EPISODES_PATH, LEGACY_TASKS_PATH) if (root / name).exists()]
     for path in paths:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(_file_sha256(path).encode())
@@ -444,23 +461,38 @@ def _collect_labels(work_dir: LabellingWorkDir, plan: dict) -> tuple[np.ndarray,
     return index, all_codes, sorted(skipped, key=lambda s: (s.episode_index is None, s.episode_index))
 
 
-def _data_files(meta) -> list[Path]:
-    """Relative paths of the source's data parquet files, in order (every episode's file, once)."""
+def _data_files(meta) -> list[tuple[Path, Path]]:
+    """(source data file, its relative path in the output), each file once, in order. A v3.0 source keeps its
+    layout; a v2.x source's per-episode files get v3.0 names (`legacy_v3_locations`)."""
     files = []
-    for episode in meta.episodes:
-        location = dict(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
-        relative = Path(meta.info["data_path"].format(**location))
-        if relative not in files:
-            files.append(relative)
+    if meta.is_v3:
+        for episode in meta.episodes:
+            location = dict(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
+            relative = Path(meta.info["data_path"].format(**location))
+            if (meta.root / relative, relative) not in files:
+                files.append((meta.root / relative, relative))
+        return files
+    for episode_index, (chunk_index, file_index) in legacy_v3_locations(meta).items():
+        relative = Path(DATA_PATH.format(chunk_index=chunk_index, file_index=file_index))
+        files.append((meta.data_file_path(episode_index), relative))
     return files
+
+
+def legacy_v3_locations(meta) -> dict[int, tuple[int, int]]:
+    """v2.x -> v3.0 without touching the frames: the n-th episode (in episode order) becomes data file and video
+    file (chunk n // chunks_size, file n % chunks_size), one episode per file, which v3.0 allows."""
+    chunks_size = int(meta.info.get("chunks_size", DEFAULT_CHUNKS_SIZE))
+    return {
+        int(episode["episode_index"]): (position // chunks_size, position % chunks_size)
+        for position, episode in enumerate(meta.episodes)
+    }
 
 
 def _rewrite_data_files(meta, output: Path, label_index, label_codes, skipped_episodes: set[int], code_seq_len):
     """Writes each source data file to the output with `latent_action` appended; returns the codes per episode."""
     used = np.zeros(len(label_index), dtype=bool)
     codes_by_episode: dict[int, list[np.ndarray]] = {}
-    for relative in _data_files(meta):
-        source_path = meta.root / relative
+    for source_path, relative in _data_files(meta):
         try:
             table = pq.read_table(source_path)
         except (pa.ArrowException, OSError) as error:
@@ -508,15 +540,8 @@ def _rewrite_episode_tables(source_root: Path, output: Path, codes_by_episode: d
     for source_path in sorted((source_root / EPISODES_DIR).glob("chunk-*/file-*.parquet")):
         table = pq.read_table(source_path)
         episodes = table.column("episode_index").to_pylist()
-        per_episode = [
-            compute_vector_stats(codes_by_episode[e].astype(np.float64)) if e in codes_by_episode else None
-            for e in episodes
-        ]
-        stat_names = next((list(s) for s in per_episode if s is not None), [])
-        for stat in stat_names:
-            name = f"stats/{LATENT_ACTION_KEY}/{stat}"
-            values = [None if s is None else np.asarray(s[stat]).tolist() for s in per_episode]
-            kind = pa.list_(pa.int64()) if stat == "count" else pa.list_(pa.float64())
+        for name, values in _latent_action_episode_stats(codes_by_episode, episodes).items():
+            kind = pa.list_(pa.int64()) if name.endswith("/count") else pa.list_(pa.float64())
             column = pa.array(values, kind)
             if name in table.column_names:
                 table = table.set_column(table.column_names.index(name), name, column)
@@ -527,6 +552,96 @@ def _rewrite_episode_tables(source_root: Path, output: Path, codes_by_episode: d
         temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
         pq.write_table(table, temporary)
         _fsync_and_replace(temporary, destination)
+
+
+def _latent_action_episode_stats(codes_by_episode: dict[int, np.ndarray], episodes: list[int]) -> dict[str, list]:
+    """Columns `stats/latent_action/<stat>` of meta/episodes for these episodes (None for a skipped episode)."""
+    per_episode = [
+        compute_vector_stats(codes_by_episode[e].astype(np.float64)) if e in codes_by_episode else None
+        for e in episodes
+    ]
+    stat_names = next((list(stats) for stats in per_episode if stats is not None), [])
+    return {
+        f"stats/{LATENT_ACTION_KEY}/{stat}": [None if stats is None else np.asarray(stats[stat]).tolist()
+                                              for stats in per_episode]
+        for stat in stat_names
+    }
+
+
+def _legacy_info_as_v3(info: dict) -> dict:
+    """A v2.x info.json rewritten for the v3.0 layout of `legacy_v3_locations` (features unchanged)."""
+    info = json.loads(json.dumps(info))
+    for key in ("total_chunks", "total_videos"):  # v2.x counters with no v3.0 meaning
+        info.pop(key, None)
+    has_videos = any(ft["dtype"] == "video" for ft in info["features"].values())
+    info.update(
+        codebase_version=CODEBASE_VERSION,
+        data_path=DATA_PATH,
+        video_path=VIDEO_PATH if has_videos else None,
+        data_files_size_in_mb=info.get("data_files_size_in_mb", DEFAULT_DATA_FILES_SIZE_IN_MB),
+        video_files_size_in_mb=info.get("video_files_size_in_mb", DEFAULT_VIDEO_FILES_SIZE_IN_MB),
+        chunks_size=int(info.get("chunks_size", DEFAULT_CHUNKS_SIZE)),
+    )
+    return info
+
+
+def _write_legacy_as_v3(meta, output: Path, codes_by_episode: dict[int, np.ndarray], *, copy_videos: bool):
+    """The v3.0 files of a v2.x source besides the data files: each episode's mp4 hard-linked (or copied) to its
+    v3.0 name, meta/episodes, meta/tasks.parquet; other top-level files copied. Returns link/copy counts."""
+    locations = legacy_v3_locations(meta)
+    counts = {"hardlink": 0, "copy": 0}
+    legacy_stats = {}
+    legacy_stats_path = meta.root / LEGACY_EPISODES_STATS_PATH
+    if legacy_stats_path.exists():
+        for line in legacy_stats_path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                legacy_stats[int(row["episode_index"])] = row.get("stats", {})
+    rows = []
+    for episode in meta.episodes:
+        episode_index = int(episode["episode_index"])
+        chunk_index, file_index = locations[episode_index]
+        row = {key: value for key, value in episode.items() if key not in ("dataset_from_index", "dataset_to_index")}
+        row.update({
+            "data/chunk_index": chunk_index, "data/file_index": file_index,
+            "dataset_from_index": int(episode["dataset_from_index"]), "dataset_to_index": int(episode["dataset_to_index"]),
+        })
+        for key in meta.video_keys:
+            source_video, from_timestamp, to_timestamp = meta.video_segment(episode_index, key)
+            destination = VIDEO_PATH.format(video_key=key, chunk_index=chunk_index, file_index=file_index)
+            counts[_link_or_copy(source_video, output / destination, copy=copy_videos)] += 1
+            row.update({
+                f"videos/{key}/chunk_index": chunk_index, f"videos/{key}/file_index": file_index,
+                f"videos/{key}/from_timestamp": from_timestamp, f"videos/{key}/to_timestamp": to_timestamp,
+            })
+        for feature, per in legacy_stats.get(episode_index, {}).items():
+            for stat, value in per.items():
+                row[f"stats/{feature}/{stat}"] = value
+        row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+        rows.append(row)
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    table = pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
+    episodes = [int(e["episode_index"]) for e in meta.episodes]
+    for name, values in _latent_action_episode_stats(codes_by_episode, episodes).items():
+        kind = pa.list_(pa.int64()) if name.endswith("/count") else pa.list_(pa.float64())
+        table = table.append_column(name, pa.array(values, kind))
+    destination = output / EPISODES_PATH.format(chunk_index=0, file_index=0)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
+    pq.write_table(table, temporary)
+    _fsync_and_replace(temporary, destination)
+
+    tasks = pd.DataFrame({"task_index": np.arange(len(meta.tasks), dtype=np.int64)},
+                         index=pd.Index(meta.tasks, name="task"))
+    temporary = output / f"{TASKS_PATH}.tmp-{os.getpid()}"
+    tasks.to_parquet(temporary)
+    _fsync_and_replace(temporary, output / TASKS_PATH)
+    skip = {WORK_DIR_NAME, ".cache", ".git", "data", "videos", "meta"}
+    for how, count in _copy_tree_except(meta.root, output, skip, copy_videos=True).items():
+        counts[how] += count
+    return counts
 
 
 def _copy_tree_except(source_root: Path, output: Path, skip: set[str], *, copy_videos: bool) -> dict[str, int]:
@@ -564,17 +679,21 @@ def merge_labelled_dataset(
     skipped_episodes = {s.episode_index for s in skipped if s.episode_index is not None}
 
     codes_by_episode = _rewrite_data_files(meta, output, label_index, label_codes, skipped_episodes, code_seq_len)
-    _rewrite_episode_tables(meta.root, output, codes_by_episode)
-    skip = {WORK_DIR_NAME, ".cache", ".git", "data", EPISODES_DIR, INFO_PATH, STATS_PATH}
-    counts = _copy_tree_except(meta.root, output, skip, copy_videos=copy_videos)
-
-    stats_path = meta.root / STATS_PATH
-    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    if meta.is_v3:
+        _rewrite_episode_tables(meta.root, output, codes_by_episode)
+        skip = {WORK_DIR_NAME, ".cache", ".git", "data", EPISODES_DIR, INFO_PATH, STATS_PATH}
+        counts = _copy_tree_except(meta.root, output, skip, copy_videos=copy_videos)
+        stats_path = meta.root / STATS_PATH
+        stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+        info = json.loads((meta.root / INFO_PATH).read_text())
+    else:
+        counts = _write_legacy_as_v3(meta, output, codes_by_episode, copy_videos=copy_videos)
+        stats = stats_to_json(meta.stats) if meta.stats else {}
+        info = _legacy_info_as_v3(meta.info)
     if len(label_codes):
         stats[LATENT_ACTION_KEY] = stats_to_json({"x": compute_vector_stats(label_codes.astype(np.float64))})["x"]
     _atomic_write_bytes(output / STATS_PATH, json.dumps(stats, indent=4).encode())
 
-    info = json.loads((meta.root / INFO_PATH).read_text())
     info["features"].pop(LATENT_ACTION_KEY, None)  # a relabelled source: the new feature goes last, like its column
     info["features"][LATENT_ACTION_KEY] = latent_action_feature(code_seq_len)
     full_record = dict(record)
@@ -608,12 +727,3 @@ def is_labelling_output(folder: Path) -> bool:
         return False
 
 
-def check_source_is_v3(meta) -> None:
-    """Only LeRobot v3.0 sources are labelled: the output keeps the source's files, and a v2.x layout is not a
-    v3.0 one. Convert v2.1 datasets first (LeRobot's `convert_dataset_v21_to_v30`)."""
-    if meta.codebase_version != CODEBASE_VERSION:
-        raise LabellingError(
-            f"{meta.root}: LeRobot codebase_version {meta.codebase_version!r}; labelling writes the source's "
-            f"files unchanged plus the labels, so it needs a {CODEBASE_VERSION} source. Convert the dataset to "
-            "v3.0 first (LeRobot's lerobot.datasets.v30.convert_dataset_v21_to_v30)."
-        )
