@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training.data import FramePairDataset, load_lerobot_dataset
+from training.data import FramePairDataset, gap_in_frames, load_lerobot_dataset
 from training.data.errors import DataLayerError, skipped_from_error
 from training.latent_labels import (
     DEFAULT_GAP_SECONDS,
+    PLAN_FORMAT,
     LabellingError,
     LabellingWorkDir,
     auto_episodes_per_shard,
@@ -256,9 +257,8 @@ def prepare(args, accelerator) -> dict:
     lengths = {int(ep["episode_index"]): int(ep["length"]) for ep in source.meta.episodes}
     episodes_per_shard = args.episodes_per_shard or auto_episodes_per_shard(len(all_episodes))
     shards = plan_shards(all_episodes, episodes_per_shard)
-    gaps = {pairs.gap_frames(e) for e in pairs.episode_indices}
     plan = {
-        "format": 1,
+        "format": PLAN_FORMAT,
         "source_sha256": source_fingerprint(source.root),
         "quantizer_sha256": record["weights_sha256"],
         "camera_key": pairs.camera_key,
@@ -279,7 +279,7 @@ def prepare(args, accelerator) -> dict:
         "quantizer": record,
         "gap_seconds": gap_seconds,
         "gap_seconds_from": gap_from,
-        "gap_frames": sorted(gaps)[0] if len(gaps) == 1 else sorted(gaps),
+        "gap_frames": gap_in_frames(gap_seconds, source.meta.fps),
         "fps": source.meta.fps,
         "camera_key": pairs.camera_key,
         "image_size": config.image_size,

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -76,7 +77,8 @@ DEFAULT_GAP_SECONDS = 0.6  # the paper's gap for robot video
 TRAINING_CONFIG_NAMES = ("training_config.json", "training_config.yaml", "training_config.yml")
 TARGET_SHARDS = 1024  # automatic shard size aims at about this many shards
 _SHARD_METADATA_KEY = b"lapa_labelling_shard"
-_PLAN_FORMAT = 1
+PLAN_FORMAT = 1  # version of plan.json and the shard files; a resume checks it with the rest of the plan
+_TEMPORARY_NAME = re.compile(r"\.tmp-[0-9-]+$")  # `<final name>.tmp-<pid>` or `.tmp-<rank>-<pid>`
 
 
 class LabellingError(Exception):
@@ -260,7 +262,7 @@ class LabellingWorkDir:
         removed = []
         if self.path.exists():
             for name in os.listdir(self.path):
-                if ".tmp-" in name:
+                if _TEMPORARY_NAME.search(name):
                     (self.path / name).unlink(missing_ok=True)
                     removed.append(name)
         return removed
@@ -350,6 +352,21 @@ def _fsync_and_replace(temporary: Path, final: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _remove_temporary_files(output: Path) -> None:
+    for directory, subdirectories, files in os.walk(output):
+        subdirectories[:] = [d for d in subdirectories if d != WORK_DIR_NAME]
+        for name in files:
+            if _TEMPORARY_NAME.search(name):
+                os.unlink(os.path.join(directory, name))
+
+
+def _write_parquet_atomically(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, temporary)
+    _fsync_and_replace(temporary, path)
 
 
 def _atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -514,21 +531,18 @@ def _rewrite_data_files(meta, output: Path, label_index, label_codes, skipped_ep
                 f"{sorted(set(row_episode[bad].tolist()))}) have no latent action and their episodes were not "
                 "skipped: the shard files do not cover the source (was the source changed during the run?)"
             )
-        if np.any(used[position[found]]):
-            raise LabellingError(f"{source_path}: some frame index appears in more than one data row")
-        used[position[found]] = True
+        matched = position[found]
+        if np.any(used[matched]) or len(np.unique(matched)) != len(matched):
+            raise LabellingError(f"{source_path}: a frame index appears in more than one data row of the source")
+        used[matched] = True
         codes = np.full((len(row_index), code_seq_len), UNLABELLED_CODE, dtype=np.int64)
-        codes[found] = label_codes[position[found]]
+        codes[found] = label_codes[matched]
         for episode in np.unique(row_episode[found]):
             codes_by_episode.setdefault(int(episode), []).append(codes[found & (row_episode == episode)])
         schema = _data_schema_with_labels(table.schema, code_seq_len)
         labels = pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), pa.int64()), code_seq_len)
         labelled = pa.Table.from_arrays([*table.columns, labels], schema=schema)
-        destination = output / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
-        pq.write_table(labelled, temporary)
-        _fsync_and_replace(temporary, destination)
+        _write_parquet_atomically(labelled, output / relative)
     if not used.all():
         extra = label_index[~used][:10].tolist()
         raise LabellingError(f"labelled frames {extra} are in no source data file (was the source changed?)")
@@ -539,19 +553,13 @@ def _rewrite_episode_tables(source_root: Path, output: Path, codes_by_episode: d
     """Copies meta/episodes/*.parquet with per-episode `stats/latent_action/<stat>` columns (null for skipped)."""
     for source_path in sorted((source_root / EPISODES_DIR).glob("chunk-*/file-*.parquet")):
         table = pq.read_table(source_path)
+        # a relabelled source: its old per-episode label stats go, the new ones are appended
+        table = table.drop_columns([c for c in table.column_names if c.startswith(f"stats/{LATENT_ACTION_KEY}/")])
         episodes = table.column("episode_index").to_pylist()
         for name, values in _latent_action_episode_stats(codes_by_episode, episodes).items():
             kind = pa.list_(pa.int64()) if name.endswith("/count") else pa.list_(pa.float64())
-            column = pa.array(values, kind)
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), name, column)
-            else:
-                table = table.append_column(name, column)
-        destination = output / source_path.relative_to(source_root)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
-        pq.write_table(table, temporary)
-        _fsync_and_replace(temporary, destination)
+            table = table.append_column(name, pa.array(values, kind))
+        _write_parquet_atomically(table, output / source_path.relative_to(source_root))
 
 
 def _latent_action_episode_stats(codes_by_episode: dict[int, np.ndarray], episodes: list[int]) -> dict[str, list]:
@@ -627,11 +635,7 @@ def _write_legacy_as_v3(meta, output: Path, codes_by_episode: dict[int, np.ndarr
     for name, values in _latent_action_episode_stats(codes_by_episode, episodes).items():
         kind = pa.list_(pa.int64()) if name.endswith("/count") else pa.list_(pa.float64())
         table = table.append_column(name, pa.array(values, kind))
-    destination = output / EPISODES_PATH.format(chunk_index=0, file_index=0)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
-    pq.write_table(table, temporary)
-    _fsync_and_replace(temporary, destination)
+    _write_parquet_atomically(table, output / EPISODES_PATH.format(chunk_index=0, file_index=0))
 
     tasks = pd.DataFrame({"task_index": np.arange(len(meta.tasks), dtype=np.int64)},
                          index=pd.Index(meta.tasks, name="task"))
@@ -677,6 +681,7 @@ def merge_labelled_dataset(
         raise LabellingError(f"{work_dir.path}: shards {missing[:10]} are not labelled yet; cannot merge")
     label_index, label_codes, skipped = _collect_labels(work_dir, plan)
     skipped_episodes = {s.episode_index for s in skipped if s.episode_index is not None}
+    _remove_temporary_files(output)  # what a merge killed before this one left behind
 
     codes_by_episode = _rewrite_data_files(meta, output, label_index, label_codes, skipped_episodes, code_seq_len)
     if meta.is_v3:
