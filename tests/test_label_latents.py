@@ -333,3 +333,20 @@ def test_v21_source_becomes_a_v30_dataset_with_the_same_frames(workspace, tmp_pa
     assert torch.equal(torch.stack([labelled[start + t]["latent_action"] for t in range(len(items))]), expected)
     table = datasets.load_dataset("parquet", data_files=str(output / "data/*/*.parquet"), split="train")
     assert len(table) == sum(truth["lengths"]) and table.features["latent_action"].length == 4
+
+
+def test_a_merge_killed_midway_is_redone_from_the_shards(workspace, single_run, capsys):
+    output = workspace / "merge_killed"
+    args = _common_args(workspace, output)
+    assert _run_in_process(args + ["--keep-work-dir"], capsys)[0] == 0
+    # what a kill during the merge leaves: info.json not yet written, a data file half-written, a temporary file
+    (output / "meta/info.json").unlink()
+    data_file = output / "data/chunk-000/file-000.parquet"
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    stray = data_file.with_name(data_file.name + ".tmp-4242")
+    stray.write_bytes(b"partial")
+
+    assert _run_in_process(args, capsys)[0] == 0  # the work dir is there: resumes, nothing to label, merges
+    assert _data_table(output).equals(_data_table(single_run))
+    assert not stray.exists() and not (output / WORK_DIR_NAME).exists()
+    assert json.loads((output / "meta/info.json").read_text()) == json.loads((single_run / "meta/info.json").read_text())
