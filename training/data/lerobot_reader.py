@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _MAX_OPEN_VIDEOS = 16
+# Reader stores inherited through fork, kept alive so that the child never frees the parent's decoders.
+_INHERITED_READER_STORES: list = []
 
 
 def resolve_dataset_root(path_or_repo_id: str | Path, *, revision: str | None = None) -> Path:
@@ -477,6 +479,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         `datasets` reads interleaved shards from a thread pool, so readers are kept per process and thread.
         """
         if os.getpid() != self._local_pid:
+            _INHERITED_READER_STORES.append(self._local)
             self._local = threading.local()
             self._local_pid = os.getpid()
         readers = getattr(self._local, "readers", None)
