@@ -58,6 +58,22 @@ def test_reader_continues_forward_and_seeks_back(tmp_path):
     assert [best_matching_frame(f, frames) for f in earlier] == [5, 39, 1]
 
 
+def test_consecutive_requests_decode_on_without_seeking(tmp_path, monkeypatch):
+    frames = synthetic_frames(30, seed=6)
+    encode_video(tmp_path / "a.mp4", frames, fps=10, keyframe_interval=10)
+    reader = VideoFrameReader(tmp_path / "a.mp4")
+    seeks = []
+    real_seek = reader._seek
+    monkeypatch.setattr(reader, "_seek", lambda time_s: (seeks.append(time_s), real_seek(time_s)))
+    got = [reader.read_at([t / 10])[0] for t in range(3, 25)]  # frame by frame, like map-style items
+    got += list(reader.read_between(2.5, 3.0)[0])  # then a range right after
+    assert [best_matching_frame(f, frames) for f in got] == list(range(3, 30))
+    assert seeks == [pytest.approx(0.3 - 1e-4)]  # one seek, at the first request
+    reader.read_at([0.2])
+    assert len(seeks) == 2  # going back needs a seek
+    reader.close()
+
+
 def test_read_at_enforces_tolerance_and_names_file_and_episode(tmp_path):
     encode_video(tmp_path / "a.mp4", synthetic_frames(10), fps=10)
     with VideoFrameReader(tmp_path / "a.mp4") as reader:

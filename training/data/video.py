@@ -247,14 +247,16 @@ class VideoFrameReader:
                 return
 
     def _can_continue_from(self, start_s: float, tolerance_s: float) -> bool:
+        """Whether decoding on from the current position reaches `start_s` without skipping a frame at or
+        after it, and without decoding more than `forward_decode_limit_s` of video to get there."""
         if self._decoder is None:
             return False
-        if self._pending is not None:
+        if self._last_time is not None:  # frames up to _last_time were consumed; all later ones are ahead
+            return self._last_time < start_s - tolerance_s and start_s - self._last_time <= self.forward_decode_limit_s
+        if self._pending is not None:  # just after a seek: the pending frame is the first one decoded
             pending_time = self._frame_time(self._pending)
             return pending_time <= start_s + tolerance_s and start_s - pending_time <= self.forward_decode_limit_s
-        if self._last_time is None:
-            return False
-        return self._last_time < start_s - tolerance_s and start_s - self._last_time <= self.forward_decode_limit_s
+        return False
 
     # -- reading -----------------------------------------------------------------------------------------
     def _decode_window(self, start_s: float, end_s: float, tolerance_s: float) -> tuple[list, list[float]]:
@@ -322,10 +324,11 @@ class VideoFrameReader:
         """
         query = np.asarray(timestamps, dtype=np.float64)
         self._ensure_open()
-        # Decode one frame period beyond both ends so that the nearest frame of a timestamp that misses the
-        # tolerance is seen and named in the error.
+        # Decode one frame period past the last timestamp, so that a timestamp that misses the tolerance has
+        # a nearest frame to name in the error. The window starts at the first timestamp, so that reading
+        # consecutive frames continues the decode instead of seeking back for every frame.
         period = 1.0 / self._fallback_fps
-        frames, times = self._decode_window(float(query.min()) - period, float(query.max()) + period, tolerance_s)
+        frames, times = self._decode_window(float(query.min()) - tolerance_s, float(query.max()) + period, tolerance_s)
         nearest = match_timestamps(
             query, np.asarray(times, dtype=np.float64), tolerance_s=tolerance_s, path=self.path,
             episode_index=episode_index,
