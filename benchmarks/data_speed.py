@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--naive-pairs", type=int, default=200, help="pairs read by the (slow) naive baseline")
     parser.add_argument("--seek-pairs", type=int, default=400, help="pairs read by the map-style seek reader")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the DataLoader rows")
-    parser.add_argument("--output", default="benchmarks/results/data_speed.json")
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "data_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -164,6 +165,7 @@ def main() -> None:
         print(f"{row['reader']:34s} {row['pairs']:6d} {row['seconds']:8.2f} {row['pairs_per_second']:9.1f} "
               f"{row['speedup_vs_naive']:8.1f}x")
     print(f"largest pixel difference between the readers and the naive baseline: {max_difference}")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes make the numbers noisy)")
 
     report = {
         "benchmark": "data_speed",
@@ -171,7 +173,7 @@ def main() -> None:
                    "total_pairs": total, "dataset_write_seconds": write_seconds,
                    "codec": dataset.meta.features[pairs.camera_key].get("info", {}).get("video.codec")},
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
-                        "cpu_count": torch.get_num_threads() and __import__("os").cpu_count(),
+                        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
                         "torch": torch.__version__, "av": av.__version__, "datasets": datasets.__version__},
         "results": results,
         "max_pixel_difference_vs_naive": max_difference,
