@@ -455,7 +455,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def episode_actions(self, episode_index: int) -> np.ndarray | None:
         actions = self.episode_column(episode_index, "action")
-        return None if actions is None else actions.astype(np.float32)
+        return None if actions is None else np.asarray(actions, dtype=np.float32)  # a view when already float32
 
     def episode_task(self, episode_index: int, frame_index: int = 0) -> str:
         task_index = self.episode_column(episode_index, "task_index")
