@@ -18,6 +18,7 @@ from training.quantizer_eval import (
     codebook_metrics,
     encode_pairs,
     evaluate_quantizer,
+    plot_codebook_usage,
     r2_per_dimension,
     run_probes,
     scalar_metrics,
@@ -176,6 +177,14 @@ def test_codebook_metrics_match_direct_counts():
     assert uniform["perplexity"] == pytest.approx(8.0) and uniform["perplexity_per_slot"] == [pytest.approx(8.0)]
     top = metrics["most_frequent_latent_actions"][0]
     assert top["fraction"] == pytest.approx(max(np.unique(codes, axis=0, return_counts=True)[1]) / 300)
+
+
+def test_codebook_plot_of_a_long_code_sequence_is_a_heat_map(tmp_path):
+    codes = np.random.default_rng(0).integers(0, 8, size=(200, 64))  # s = 64: bar charts would not fit
+    metrics = codebook_metrics(codes, 8)
+    assert metrics["num_possible_latent_actions"] == float(8**64)  # too big for JSON integers: a float
+    path = plot_codebook_usage(metrics, tmp_path / "usage.png")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
 
 
 # -------------------------------------------------------------------------------- the evaluation, end to end

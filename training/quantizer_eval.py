@@ -93,6 +93,10 @@ FEATURE_SETS = {
     f"({3 * LEAKAGE_POOL_SIZE**2} features), blind to frame t+H",
 }
 LATENT_FEATURE_SETS = ("latents", "codes_one_hot")
+#: Plots: one bar chart per slot up to this many slots (a heat map beyond); the scatter and the explorer show at
+#: most this many slots.
+MAX_BAR_CHART_SLOTS = 8
+MAX_PLOTTED_SLOTS = 4
 LEAKAGE_FEATURE_SET = "frame_t_pixels"
 
 
@@ -184,10 +188,12 @@ def encode_pairs(
     num_workers: int = 0,
     seed: int = 0,
     description: str = "quantizer eval",
+    with_reconstruction: bool = True,
 ) -> EncodedPairs:
     """One pass of `model` (already in eval mode) over the pairs `rows` of `pairs`, in batches.
 
     The model's eval-mode forward decodes with the hard codes, so its reconstruction is `decode(frame_t, codes)`.
+    `with_reconstruction=False` runs the encoder only (for the probes' fitting pairs); the MSE columns are NaN.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -205,11 +211,17 @@ def encode_pairs(
     has_action = True
     for batch in tqdm(loader, desc=description, disable=None, leave=False):
         pixels = _as_unit_float(batch["pixel_values"]).to(device)
-        out = model(pixels.to(dtype), return_dict=True)
-        prediction = out.reconstruction.float()
         frame_t, frame_next = pixels[:, 0].float(), pixels[:, 1].float()
-        columns["prediction_mse_unclamped"].append((prediction - frame_next).square().mean(dim=(1, 2, 3)))
-        columns["prediction_mse"].append((prediction.clamp(0, 1) - frame_next).square().mean(dim=(1, 2, 3)))
+        if with_reconstruction:
+            out = model(pixels.to(dtype), return_dict=True)
+            prediction = out.reconstruction.float()
+            columns["prediction_mse_unclamped"].append((prediction - frame_next).square().mean(dim=(1, 2, 3)))
+            columns["prediction_mse"].append((prediction.clamp(0, 1) - frame_next).square().mean(dim=(1, 2, 3)))
+        else:
+            out = model.encode(pixels.to(dtype))
+            not_computed = torch.full((len(pixels),), float("nan"), device=pixels.device)
+            columns["prediction_mse_unclamped"].append(not_computed)
+            columns["prediction_mse"].append(not_computed)
         columns["copy_mse"].append((frame_t - frame_next).square().mean(dim=(1, 2, 3)))
         columns["frame_t_features"].append(F.adaptive_avg_pool2d(frame_t, LEAKAGE_POOL_SIZE).flatten(1))
         columns["codes"].append(out.codes)
@@ -286,6 +298,8 @@ def codebook_metrics(codes: np.ndarray, codebook_size: int, *, top_k: int = 10) 
         for slot, code in zip(*np.nonzero(usage < MIN_CODE_FRACTION))
     ]
     possible = codebook_size**num_slots
+    # |C|^s overflows JSON readers' integers for long code sequences (8^64): a float then.
+    possible = int(possible) if possible < 2**53 else float(possible)
     return {
         "codebook_size": int(codebook_size),
         "code_seq_len": int(num_slots),
@@ -613,6 +627,9 @@ def _probe_section(
     dims = default_position_dims(names) if position_dims is None else [int(d) for d in position_dims]
     if any(not 0 <= d < len(names) for d in dims):
         raise ValueError(f"position_dims {dims} out of range for {len(names)} action dimensions {names}")
+    if not np.isfinite(encoded.latents).all() or (probe_encoded is not None and not np.isfinite(probe_encoded.latents).all()):
+        return {"available": False, "action_target": action_target, "action_names": names,
+                "note": "the model's latents are not finite (diverged training?): probes skipped"}
     test_features = probe_features(encoded, codebook_size)
     if probe_encoded is not None:
         fit_targets = action_targets(probe_train_pairs, probe_encoded, action_target)
@@ -703,14 +720,15 @@ def _code_colors(codebook_size: int):
 
 
 def plot_codebook_usage(codebook: dict, path: Path, *, title_suffix: str = "") -> Path:
-    """Bars of the usage fraction of every code per slot (red below the 2% line), and the most frequent latent
-    actions."""
+    """Bars of the usage fraction of every code per slot (red below the 2% line; with more than
+    `MAX_BAR_CHART_SLOTS` slots a slots x codes heat map instead), and the most frequent latent actions."""
     usage = np.asarray(codebook["usage"])
     num_slots, codebook_size = usage.shape
-    figure = _new_figure(max(8.0, 2.6 * num_slots), 6.2)
-    grid = figure.add_gridspec(2, num_slots, height_ratios=[1.2, 1.0], hspace=0.55, wspace=0.3)
+    bar_charts = num_slots <= MAX_BAR_CHART_SLOTS
+    figure = _new_figure(max(8.0, 2.6 * num_slots) if bar_charts else 10.0, 6.2)
+    grid = figure.add_gridspec(2, num_slots if bar_charts else 1, height_ratios=[1.2, 1.0], hspace=0.55, wspace=0.3)
     top = max(usage.max(), 1.0 / codebook_size) * 1.15
-    for slot in range(num_slots):
+    for slot in range(num_slots if bar_charts else 0):
         ax = figure.add_subplot(grid[0, slot])
         colors = ["tab:red" if f < MIN_CODE_FRACTION else "tab:blue" for f in usage[slot]]
         ax.bar(np.arange(codebook_size), usage[slot], color=colors)
@@ -723,15 +741,28 @@ def plot_codebook_usage(codebook: dict, path: Path, *, title_suffix: str = "") -
         if slot == 0:
             ax.set_ylabel("fraction of held-out pairs")
             ax.legend(fontsize=7, loc="upper right")
+    if not bar_charts:
+        ax = figure.add_subplot(grid[0, 0])
+        shown = ax.imshow(usage.T, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("slot")
+        ax.set_ylabel("code")
+        below = len(codebook["codes_below_threshold"])
+        ax.set_title(f"usage per slot and code; {below} of {usage.size} cells below {MIN_CODE_FRACTION:.0%}", fontsize=9)
+        figure.colorbar(shown, ax=ax, fraction=0.03).set_label("fraction of held-out pairs", fontsize=8)
     ax = figure.add_subplot(grid[1, :])
     frequent = codebook["most_frequent_latent_actions"]
     ax.bar(np.arange(len(frequent)), [f["fraction"] for f in frequent], color="tab:green")
     ax.set_xticks(np.arange(len(frequent)))
-    ax.set_xticklabels([str(f["codes"]) for f in frequent], fontsize=8, rotation=20)
+    # Long code sequences do not fit as tick labels: ranks instead (the tuples are in metrics.json).
+    labels = [str(f["codes"]) for f in frequent] if bar_charts else [f"#{i + 1}" for i in range(len(frequent))]
+    ax.set_xticklabels(labels, fontsize=8, rotation=20 if bar_charts else 0)
     ax.set_ylabel("fraction of pairs")
+    possible = f"{codebook_size}^{num_slots}"
+    if codebook_size**num_slots < 10**6:
+        possible += f" = {codebook_size**num_slots}"
     ax.set_title(
-        f"most frequent latent actions: {codebook['num_distinct_latent_actions']} distinct of "
-        f"{codebook['num_possible_latent_actions']} possible (perplexity {codebook['latent_action_perplexity']:.1f})",
+        f"most frequent latent actions: {codebook['num_distinct_latent_actions']} distinct of {possible} possible "
+        f"(perplexity {codebook['latent_action_perplexity']:.1f})",
         fontsize=9,
     )
     figure.suptitle(f"Codebook usage on held-out pairs (min code fraction {codebook['min_code_fraction']:.1%}){title_suffix}")
@@ -757,6 +788,7 @@ def plot_action_scatter(
     else:
         planes = [(dims[0], None)]  # 1-D action: the action against the code
     num_pairs, num_slots = codes.shape
+    shown_slots = min(num_slots, MAX_PLOTTED_SLOTS)
     colors = np.array(_code_colors(codebook_size))
     tuples, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
@@ -765,13 +797,13 @@ def plot_action_scatter(
     tuple_rank[top_tuples] = np.arange(len(top_tuples))
     tuple_colors = np.array(_code_colors(10))[:8]
     jitter = np.random.default_rng(0).uniform(-0.3, 0.3, num_pairs)
-    figure = _new_figure(2.9 * (num_slots + 1) + 2.2, 2.9 * len(planes) + 1.0)
-    grid = figure.add_gridspec(len(planes), num_slots + 1, wspace=0.32, hspace=0.42)
+    figure = _new_figure(2.9 * (shown_slots + 1) + 2.2, 2.9 * len(planes) + 1.0)
+    grid = figure.add_gridspec(len(planes), shown_slots + 1, wspace=0.32, hspace=0.42)
     for row, (dim_x, dim_y) in enumerate(planes):
         x = targets[:, dim_x]
-        for column in range(num_slots + 1):
+        for column in range(shown_slots + 1):
             ax = figure.add_subplot(grid[row, column])
-            if column < num_slots:
+            if column < shown_slots:
                 slot_codes = codes[:, column]
                 y = targets[:, dim_y] if dim_y is not None else slot_codes + jitter
                 ax.scatter(x, y, s=6, alpha=0.5, c=colors[slot_codes], linewidths=0)
@@ -799,7 +831,8 @@ def plot_action_scatter(
     handles = [Line2D([], [], marker="o", linestyle="", color=colors[c], label=f"code {c}") for c in range(codebook_size)]
     figure.legend(handles=handles, loc="lower center", ncol=min(codebook_size, 16), fontsize=8, frameon=False,
                   bbox_to_anchor=(0.42, -0.03))
-    figure.suptitle(f"Latent actions vs ground-truth actions on held-out pairs (X = mean of a code){title_suffix}")
+    more = f"; first {shown_slots} of {num_slots} slots" if shown_slots < num_slots else ""
+    figure.suptitle(f"Latent actions vs ground-truth actions on held-out pairs (X = mean of a code{more}){title_suffix}")
     figure.savefig(path, bbox_inches="tight")
     return path
 
@@ -911,22 +944,26 @@ def plot_reconstructions(
 
 
 @torch.no_grad()
-def latent_explorer_images(model, frame_t: torch.Tensor, own_codes: torch.Tensor, max_codes: int = 16) -> torch.Tensor:
+def latent_explorer_images(
+    model, frame_t: torch.Tensor, own_codes: torch.Tensor, max_codes: int = 16, max_slots: int = MAX_PLOTTED_SLOTS
+) -> torch.Tensor:
     """Frame t decoded under every code of every slot, the other slots kept at the frame's own codes.
 
     Args:
         frame_t: (3, H, W) in [0, 1]; own_codes: (s,) the pair's latent action.
     Returns:
-        (s, K, 3, H, W) decoded frames, K = min(|C|, max_codes): entry [slot, c] uses code c in `slot`.
+        (S, K, 3, H, W) decoded frames for the first S = min(s, max_slots) slots and K = min(|C|, max_codes) codes:
+        entry [slot, c] uses code c in `slot`.
     """
-    num_slots = model.config.code_seq_len
+    code_seq_len = model.config.code_seq_len
+    num_slots = min(code_seq_len, max_slots)
     num_codes = min(model.config.codebook_size, max_codes)
     device = next(model.parameters()).device
-    codes = own_codes.to(device).reshape(1, 1, num_slots).repeat(num_slots, num_codes, 1)
+    codes = own_codes.to(device).reshape(1, 1, code_seq_len).repeat(num_slots, num_codes, 1)
     for slot in range(num_slots):
         codes[slot, :, slot] = torch.arange(num_codes, device=device)
     frames = frame_t.to(device, next(model.parameters()).dtype).unsqueeze(0).expand(num_slots * num_codes, -1, -1, -1)
-    decoded = model.decode(frames.contiguous(), codes.reshape(-1, num_slots))
+    decoded = model.decode(frames.contiguous(), codes.reshape(-1, code_seq_len))
     return decoded.float().reshape(num_slots, num_codes, *decoded.shape[1:])
 
 
@@ -935,9 +972,13 @@ def plot_latent_explorer(
     caption: str = "", title_suffix: str = "",
 ) -> Path:
     """The paper's Figures 5 and 12: one held-out frame decoded under every code of each slot (the other slots at
-    the frame's own codes). Top: frame t, true t+H, the decoding with the pair's own latent action, the true change.
-    Below, per slot: the decoded frames (the frame's own code framed in red), then their change from frame t (mean
-    over RGB, signed: red = brighter, blue = darker), so the motion each code stands for is visible.
+    the frame's own codes).
+
+    Top: frame t, true t+H, the decoding with the pair's own latent action, the true change (t+H - t) and the
+    predicted change (decoding - t). Below, per slot: the decoded frames (the pair's own code framed in red), then
+    how each differs from the decoding under the pair's own latent action (mean over RGB, signed: red = brighter,
+    blue = darker). That difference shows what choosing the code does; the decoder's blur, common to all codes,
+    cancels out of it.
 
     pair (2, 3, H, W) in [0, 1]; own_codes (s,); own_prediction (3, H, W)."""
     from matplotlib.patches import Rectangle
@@ -945,30 +986,40 @@ def plot_latent_explorer(
     decoded = latent_explorer_images(model, pair[0], own_codes).cpu().clamp(0, 1)
     num_slots, num_codes = decoded.shape[:2]
     frame_t, frame_next = pair[0].float().cpu(), pair[1].float().cpu()
-    change = (decoded - frame_t).mean(dim=2).numpy()  # (s, K, H, W)
+    own_prediction = own_prediction.float().cpu().clamp(0, 1)
+    versus_own = (decoded - own_prediction).mean(dim=2).numpy()  # (S, K, H, W)
     true_change = (frame_next - frame_t).mean(dim=0).numpy()
-    limit = max(float(np.quantile(np.abs(change), 0.998)), float(np.abs(true_change).max()), 0.05)
+    predicted_change = (own_prediction - frame_t).mean(dim=0).numpy()
+    header_limit = max(float(np.abs(true_change).max()), float(np.abs(predicted_change).max()), 0.05)
+    limit = max(float(np.quantile(np.abs(versus_own), 0.999)), 0.02)
     size = frame_t.shape[-2:]
     gap = max(1, size[0] // 10)
 
     header, header_tops, header_lefts = _mosaic([[
         _image(frame_t), _image(frame_next), _image(own_prediction),
-        _colormapped(true_change, "RdBu_r", -limit, limit),
+        _colormapped(true_change, "RdBu_r", -header_limit, header_limit),
+        _colormapped(predicted_change, "RdBu_r", -header_limit, header_limit),
     ]], gap)
     tiles = []
     for slot in range(num_slots):
         tiles.append([_image(decoded[slot, code]) for code in range(num_codes)])
-        tiles.append([_colormapped(change[slot, code], "RdBu_r", -limit, limit) for code in range(num_codes)])
+        tiles.append([_colormapped(versus_own[slot, code], "RdBu_r", -limit, limit) for code in range(num_codes)])
     canvas, tops, lefts = _mosaic(tiles, gap)
 
-    columns = max(num_codes, 4)
-    figure = _new_figure(1.2 * columns + 2.4, 1.2 * (2 * num_slots + 1) + 2.0)
-    grid = figure.add_gridspec(2, 1, height_ratios=[1.25, 2 * num_slots], hspace=0.12)
+    columns = max(num_codes, 5)
+    figure = _new_figure(1.2 * columns + 2.4, 1.2 * (2 * num_slots + 1) + 2.2)
+    grid = figure.add_gridspec(2, 1, height_ratios=[1.35, 2 * num_slots], hspace=0.12)
     ax_header = figure.add_subplot(grid[0])
-    _mosaic_axes(ax_header, header, header_tops, header_lefts, size,
-                 column_labels=["frame t", "true t+H", f"decoded, own\n{own_codes.tolist()}", "true change"])
+    _mosaic_axes(ax_header, header, header_tops, header_lefts, size, column_labels=[
+        "frame t", "true t+H", f"decoded, own\n{own_codes.tolist()}",
+        f"true change\n(+-{header_limit:.2f})", f"predicted change\n(+-{header_limit:.2f})",
+    ])
     ax = figure.add_subplot(grid[1])
-    row_labels = [label for slot in range(num_slots) for label in (f"slot {slot}", f"slot {slot}\nchange")]
+    # The largest difference a slot's codes make, in the label: a slot whose codes change nothing is visible at once.
+    row_labels = [
+        label for slot in range(num_slots)
+        for label in (f"slot {slot}", f"slot {slot} vs own\nmax |diff| {np.abs(versus_own[slot]).max():.3f}")
+    ]
     _mosaic_axes(ax, canvas, tops, lefts, size, row_labels=row_labels,
                  column_labels=[f"code {code}" for code in range(num_codes)])
     for slot in range(num_slots):
@@ -978,11 +1029,16 @@ def plot_latent_explorer(
                 (lefts[own] - gap / 2 - 0.5, tops[2 * slot] - gap / 2 - 0.5), size[1] + gap, 2 * size[0] + 2 * gap,
                 fill=False, edgecolor="tab:red", linewidth=2.0,
             ))
-    _colorbar(figure, ax, "RdBu_r", -limit, limit, "change rows: decoded - frame t (mean over RGB)")
-    more = f" (first {num_codes} of {model.config.codebook_size} codes)" if num_codes < model.config.codebook_size else ""
+    _colorbar(figure, ax, "RdBu_r", -limit, limit, "'vs own' rows: decoded - decoded with own codes (mean over RGB)")
+    shown = []
+    if num_codes < model.config.codebook_size:
+        shown.append(f"first {num_codes} of {model.config.codebook_size} codes")
+    if num_slots < model.config.code_seq_len:
+        shown.append(f"first {num_slots} of {model.config.code_seq_len} slots")
+    more = f" ({', '.join(shown)})" if shown else ""
     figure.suptitle(
-        f"Latent explorer: one frame decoded under every code of each slot{more}; red frame = the pair's own code\n"
-        f"{caption}{title_suffix}", fontsize=10,
+        f"Latent explorer: one frame decoded under every code of each slot{more}, the other slots at the pair's own "
+        f"codes (red frame)\n{caption}{title_suffix}", fontsize=10,
     )
     figure.savefig(path, bbox_inches="tight")
     return path
@@ -1093,6 +1149,7 @@ def evaluate_quantizer(
             probe_encoded = encode_pairs(
                 model, probe_train_pairs, choose_rows(len(probe_train_pairs), max_pairs, seed + 1),
                 batch_size=batch_size, num_workers=num_workers, seed=seed, description="quantizer eval (probe fit)",
+                with_reconstruction=False,
             )
         reconstruction = reconstruction_metrics(encoded)
         codebook = codebook_metrics(encoded.codes, config.codebook_size)
@@ -1132,10 +1189,26 @@ def evaluate_quantizer(
         "plots": plots,
     }
     result["eval_seconds"] = float(time.perf_counter() - started)
+    result = _json_ready(result)
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
+
+
+def _json_ready(value):
+    """Plain JSON values: numpy scalars to Python numbers, non-finite floats (a diverged model) to None."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def scalar_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
