@@ -80,7 +80,8 @@ def square_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("squares") / "dataset"
     rng = np.random.default_rng(0)
     all_actions = []
-    with LeRobotDatasetWriter(root, fps=FPS, crf=0, pix_fmt="yuv444p", feature_names={"action": ACTION_NAMES}) as writer:
+    names = {"action": ACTION_NAMES}
+    with LeRobotDatasetWriter(root, fps=FPS, crf=0, pix_fmt="yuv444p", feature_names=names) as writer:
         for _ in range(len(TRAIN_EPISODES) + len(HELD_OUT_EPISODES)):
             frames, actions = moving_square_episode(rng)
             writer.add_episode({"observation.images.top": frames}, task="move the square", action=actions)

@@ -39,16 +39,16 @@ Decisions, in one place:
   model (the encoder's tokens of frame t already mixed in frame t+H through temporal attention, so they would leak
   the motion) and blind to frame t+H by construction, while keeping where the arm and objects are.
 - **Probe fitting.** Features are standardised with the fitting set's statistics and clipped to +-5 standard
-  deviations (a feature nearly constant in the fitting pairs must not explode on test pairs). The linear probe is ridge
-  regression in closed form; its penalty, alpha * n in {1e-4 .. 1e2} * n, is picked per action dimension on a
-  validation split (20% of the fitting episodes), then refit on the whole fitting set. The MLP probe (one hidden
-  layer of 128 ReLUs, targets standardised) trains with Adam (lr 3e-3, minibatches of 256) for at most 400 steps
-  on the other 80% and keeps the weights of the step with the lowest validation loss (checked every 25 steps).
-  Seeded by `seed`; the global torch RNG is left as it was. R^2 = 1 - SSE/SST per action dimension on the test
-  pairs (SST about the test mean; `null` when the test targets are constant).
+  deviations (a feature nearly constant in the fitting pairs must not explode on test pairs). The linear probe is
+  ridge regression in closed form; its penalty lambda = alpha * n, alpha in {1e-4, 1e-3, ..., 1e2}, is picked per
+  action dimension on a validation split (20% of the fitting episodes), then refit on the whole fitting set. The
+  MLP probe (one hidden layer of 128 ReLUs, targets standardised) trains with Adam (lr 3e-3, minibatches of 256)
+  for at most 400 steps on the other 80% and keeps the weights of the step with the lowest validation loss
+  (checked every 25 steps). Seeded by `seed`; the global torch RNG is left as it was. R^2 = 1 - SSE/SST per action
+  dimension on the test pairs (SST about the test mean; `null` when the test targets are constant).
 - **"Beats leakage"** for an action dimension: the best R^2 of the latent probes (latents or one-hot codes, linear
-  or MLP) is above the best R^2 of the leakage probes (linear or MLP), and above 0. Position dimensions: the first three
-  action dimensions, minus any whose name mentions a gripper (Meta-World: delta_x, delta_y, delta_z), unless
+  or MLP) is above the best R^2 of the leakage probes (linear or MLP), and above 0. Position dimensions: the first
+  three action dimensions, minus any whose name mentions a gripper (Meta-World: delta_x, delta_y, delta_z), unless
   `position_dims` is given.
 """
 
@@ -155,7 +155,8 @@ def _collate_pairs(items: list[dict]) -> dict:
         "target_frame_index": torch.tensor([int(item.get("target_frame_index", -1)) for item in items]),
     }
     if all("action" in item for item in items):
-        batch["action"] = torch.stack([torch.as_tensor(item["action"], dtype=torch.float32).reshape(-1) for item in items])
+        actions = [torch.as_tensor(item["action"], dtype=torch.float32).reshape(-1) for item in items]
+        batch["action"] = torch.stack(actions)
     return batch
 
 
@@ -327,7 +328,9 @@ def codebook_metrics(codes: np.ndarray, codebook_size: int, *, top_k: int = 10) 
 
 
 # ============================================================================================= action targets
-def window_mean_actions(episode_actions: np.ndarray, frame_index: np.ndarray, target_frame_index: np.ndarray) -> np.ndarray:
+def window_mean_actions(
+    episode_actions: np.ndarray, frame_index: np.ndarray, target_frame_index: np.ndarray
+) -> np.ndarray:
     """Mean of the actions a_t .. a_{t'-1} of one episode for pairs (t, t'): the actions the pair's frames show.
 
     Args:
@@ -526,7 +529,12 @@ class MLPProbe:
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.Adam(self.network.parameters(), lr=self.learning_rate)
         batch = min(self.batch_size, len(x_fit))
+        # Step 0 (the initial network, close to predicting the mean) is a candidate too: when every fitted state
+        # is worse on the validation pairs, the probe falls back to it instead of reporting an overfit.
         best_loss, best_state, self.best_step_ = math.inf, copy.deepcopy(self.network.state_dict()), 0
+        if len(x_val):
+            with torch.no_grad():
+                best_loss = F.mse_loss(self.network(x_val), y_val).item()
         with torch.enable_grad():
             for step in range(1, self.max_steps + 1):
                 rows = torch.randint(0, len(x_fit), (batch,), generator=generator)
@@ -538,7 +546,8 @@ class MLPProbe:
                     with torch.no_grad():
                         val_loss = F.mse_loss(self.network(x_val), y_val).item()
                     if val_loss < best_loss:
-                        best_loss, best_state, self.best_step_ = val_loss, copy.deepcopy(self.network.state_dict()), step
+                        best_loss, self.best_step_ = val_loss, step
+                        best_state = copy.deepcopy(self.network.state_dict())
         if len(x_val):
             self.network.load_state_dict(best_state)
         else:
@@ -627,7 +636,8 @@ def _probe_section(
     dims = default_position_dims(names) if position_dims is None else [int(d) for d in position_dims]
     if any(not 0 <= d < len(names) for d in dims):
         raise ValueError(f"position_dims {dims} out of range for {len(names)} action dimensions {names}")
-    if not np.isfinite(encoded.latents).all() or (probe_encoded is not None and not np.isfinite(probe_encoded.latents).all()):
+    passes = [encoded] + ([probe_encoded] if probe_encoded is not None else [])
+    if not all(np.isfinite(p.latents).all() for p in passes):
         return {"available": False, "action_target": action_target, "action_names": names,
                 "note": "the model's latents are not finite (diverged training?): probes skipped"}
     test_features = probe_features(encoded, codebook_size)
@@ -646,7 +656,8 @@ def _probe_section(
         episodes = np.unique(encoded.episode_index)
         if len(episodes) < 2:
             return {"available": False, "action_target": action_target, "action_names": names,
-                    "note": "no probe_train_pairs and fewer than 2 held-out episodes to split by episode: probes skipped"}
+                    "note": "no probe_train_pairs and fewer than 2 held-out episodes to split by episode: "
+                    "probes skipped"}
         rng = np.random.default_rng(seed)
         num_fit = min(len(episodes) - 1, max(1, int(round(PROBE_FIT_FRACTION * len(episodes)))))
         fit_episodes = rng.choice(episodes, size=num_fit, replace=False)
@@ -678,7 +689,9 @@ def _probe_section(
                      for k, d in FEATURE_SETS.items()},
         "target_std": _named(test_targets.std(axis=0), names),
     }
-    section.update(run_probes(fit_features, fit_targets, fit_groups, test_features, test_targets, names, dims, seed=seed))
+    section.update(
+        run_probes(fit_features, fit_targets, fit_groups, test_features, test_targets, names, dims, seed=seed)
+    )
     section["definitions"] = (
         "R^2 = 1 - SSE/SST per action dimension on the test pairs (null: constant target). linear = ridge in closed "
         "form on standardised features, penalty per dimension from the validation split; mlp = 1 hidden layer of 128 "
@@ -732,12 +745,14 @@ def plot_codebook_usage(codebook: dict, path: Path, *, title_suffix: str = "") -
         ax = figure.add_subplot(grid[0, slot])
         colors = ["tab:red" if f < MIN_CODE_FRACTION else "tab:blue" for f in usage[slot]]
         ax.bar(np.arange(codebook_size), usage[slot], color=colors)
-        ax.axhline(MIN_CODE_FRACTION, color="tab:red", linestyle="--", linewidth=1, label=f"{MIN_CODE_FRACTION:.0%} floor")
+        ax.axhline(MIN_CODE_FRACTION, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"{MIN_CODE_FRACTION:.0%} floor")
         ax.axhline(1.0 / codebook_size, color="gray", linestyle=":", linewidth=1, label="uniform")
         ax.set_ylim(0, top)
         ax.set_xticks(np.arange(codebook_size))
         ax.set_xlabel("code")
-        ax.set_title(f"slot {slot}: perplexity {codebook['perplexity_per_slot'][slot]:.2f} / {codebook_size}", fontsize=9)
+        perplexity = codebook["perplexity_per_slot"][slot]
+        ax.set_title(f"slot {slot}: perplexity {perplexity:.2f} / {codebook_size}", fontsize=9)
         if slot == 0:
             ax.set_ylabel("fraction of held-out pairs")
             ax.legend(fontsize=7, loc="upper right")
@@ -747,7 +762,8 @@ def plot_codebook_usage(codebook: dict, path: Path, *, title_suffix: str = "") -
         ax.set_xlabel("slot")
         ax.set_ylabel("code")
         below = len(codebook["codes_below_threshold"])
-        ax.set_title(f"usage per slot and code; {below} of {usage.size} cells below {MIN_CODE_FRACTION:.0%}", fontsize=9)
+        ax.set_title(f"usage per slot and code; {below} of {usage.size} cells below {MIN_CODE_FRACTION:.0%}",
+                     fontsize=9)
         figure.colorbar(shown, ax=ax, fraction=0.03).set_label("fraction of held-out pairs", fontsize=8)
     ax = figure.add_subplot(grid[1, :])
     frequent = codebook["most_frequent_latent_actions"]
@@ -765,7 +781,9 @@ def plot_codebook_usage(codebook: dict, path: Path, *, title_suffix: str = "") -
         f"(perplexity {codebook['latent_action_perplexity']:.1f})",
         fontsize=9,
     )
-    figure.suptitle(f"Codebook usage on held-out pairs (min code fraction {codebook['min_code_fraction']:.1%}){title_suffix}")
+    figure.suptitle(
+        f"Codebook usage on held-out pairs (min code fraction {codebook['min_code_fraction']:.1%}){title_suffix}"
+    )
     figure.savefig(path, bbox_inches="tight")
     return path
 
@@ -806,7 +824,7 @@ def plot_action_scatter(
             if column < shown_slots:
                 slot_codes = codes[:, column]
                 y = targets[:, dim_y] if dim_y is not None else slot_codes + jitter
-                ax.scatter(x, y, s=6, alpha=0.5, c=colors[slot_codes], linewidths=0)
+                ax.scatter(x, y, s=8, alpha=0.5, c=colors[slot_codes], linewidths=0)
                 used = np.unique(slot_codes)
                 means = np.array([[x[slot_codes == c].mean(), y[slot_codes == c].mean()] for c in used])
                 ax.scatter(means[:, 0], means[:, 1], s=80, marker="X", c=colors[used], edgecolors="black",
@@ -828,11 +846,18 @@ def plot_action_scatter(
             ax.set_xlabel(f"{names[dim_x]} ({target_label})", fontsize=8)
             ax.set_ylabel(names[dim_y] if dim_y is not None else "code", fontsize=8)
             ax.tick_params(labelsize=7)
-    handles = [Line2D([], [], marker="o", linestyle="", color=colors[c], label=f"code {c}") for c in range(codebook_size)]
-    figure.legend(handles=handles, loc="lower center", ncol=min(codebook_size, 16), fontsize=8, frameon=False,
-                  bbox_to_anchor=(0.42, -0.03))
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=colors[code], label=f"code {code}")
+        for code in range(codebook_size)
+    ]
+    # Below the axes (the saved image grows to include it), where it cannot cover the x labels.
+    figure.legend(handles=handles, loc="upper center", ncol=min(codebook_size, 16), fontsize=8, frameon=False,
+                  bbox_to_anchor=(0.42, 0.0))
     more = f"; first {shown_slots} of {num_slots} slots" if shown_slots < num_slots else ""
-    figure.suptitle(f"Latent actions vs ground-truth actions on held-out pairs (X = mean of a code{more}){title_suffix}")
+    figure.suptitle(
+        f"Latent actions vs ground-truth actions on held-out pairs (X = mean of a code{more}){title_suffix}",
+        y=0.98 + 0.05 / len(planes),
+    )
     figure.savefig(path, bbox_inches="tight")
     return path
 
@@ -1063,11 +1088,14 @@ def _make_plots(model, eval_pairs, encoded: EncodedPairs, codebook: dict, target
     # Re-read the few displayed pairs instead of keeping every pair's pixels through the pass.
     rows = _pick_display_pairs(encoded, min(6, len(encoded)), seed)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    frames = torch.stack([_as_unit_float(eval_pairs[int(encoded.dataset_index[r])]["pixel_values"]) for r in rows]).float()
+    frames = torch.stack(
+        [_as_unit_float(eval_pairs[int(encoded.dataset_index[r])]["pixel_values"]) for r in rows]
+    ).float()
     own_codes = torch.as_tensor(encoded.codes[rows])
     predictions = model.decode(frames[:, 0].to(device, dtype), own_codes.to(device)).float().cpu()
     captions = [
-        f"ep {encoded.episode_index[r]}, t={encoded.frame_index[r]}\n{own_codes[i].tolist()}" for i, r in enumerate(rows)
+        f"ep {encoded.episode_index[r]}, t={encoded.frame_index[r]}\n{own_codes[i].tolist()}"
+        for i, r in enumerate(rows)
     ]
     paths["reconstructions"] = plot_reconstructions(frames, predictions, captions, output_dir / "reconstructions.png",
                                                     title_suffix=suffix)
@@ -1164,7 +1192,9 @@ def evaluate_quantizer(
 
     beats = probes.get("latent_probe_beats_leakage") if probes.get("available") else None
     summary = {
-        "psnr_above_copy": bool(reconstruction["prediction_psnr_of_mean_mse"] > reconstruction["copy_psnr_of_mean_mse"]),
+        "psnr_above_copy": bool(
+            reconstruction["prediction_psnr_of_mean_mse"] > reconstruction["copy_psnr_of_mean_mse"]
+        ),
         "psnr_gain_db": reconstruction["psnr_gain_db"],
         "min_code_fraction": codebook["min_code_fraction"],
         "all_codes_used_2pct": bool(codebook["min_code_fraction"] >= MIN_CODE_FRACTION),
