@@ -19,9 +19,7 @@ The speed-up is pairs/s divided by the naive baseline's pairs/s. Prints a table,
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import write_report  # noqa: E402
 from training.data import (  # noqa: E402
     FramePairDataset,
     LeRobotDatasetWriter,
@@ -172,16 +171,11 @@ def main() -> None:
         "config": {**vars(args), "dataset": str(args.dataset) if args.dataset else "synthetic",
                    "total_pairs": total, "dataset_write_seconds": write_seconds,
                    "codec": dataset.meta.features[pairs.camera_key].get("info", {}).get("video.codec")},
-        "environment": {"python": platform.python_version(), "platform": platform.platform(),
-                        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-                        "torch": torch.__version__, "av": av.__version__, "datasets": datasets.__version__},
+        "environment": {"av": av.__version__, "datasets": datasets.__version__},
         "results": results,
         "max_pixel_difference_vs_naive": max_difference,
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {output}")
+    write_report(report, args.output)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ writer's defaults), saves a random quantizer with save_pretrained, and measures,
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -28,10 +26,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import write_report  # noqa: E402
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
 from training.data import FramePairDataset, LeRobotDatasetWriter, load_lerobot_dataset  # noqa: E402
 from training.label_latents import main as label_latents_main  # noqa: E402
@@ -155,17 +153,12 @@ def main(argv=None):
               f"{r['num_workers']:7d} {r['decode_frames_per_s']:11.1f} {r['encode_frames_per_s']:11.1f} "
               f"{r['decode_and_encode_frames_per_s']:12.1f} {r['end_to_end_frames_per_s']:15.1f} "
               f"{r['end_to_end_seconds']:8.1f}")
-    result = dict(
-        benchmark="label_speed", torch=torch.__version__, threads=torch.get_num_threads(),
-        machine=platform.machine(), cpu_count=psutil.cpu_count(),
-        note="end to end = one training/label_latents.py run in-process: source and model loading, decoding, "
-             "encoding, shard files and the merge into the output dataset",
-        rows=rows,
-    )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    write_report({
+        "benchmark": "label_speed",
+        "note": "end to end = one training/label_latents.py run in-process: source and model loading, decoding, "
+                "encoding, shard files and the merge into the output dataset",
+        "rows": rows,
+    }, args.output)
 
 
 if __name__ == "__main__":

@@ -12,45 +12,15 @@ background thread (CPU has no allocator statistics like `torch.cuda.max_memory_a
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import PeakRSS, write_report  # noqa: E402
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
-
-
-class PeakRSS:
-    """Context manager: peak resident memory (MiB) above the level at entry, sampled by a thread."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval = interval
-        self.process = psutil.Process()
-
-    def __enter__(self):
-        self.start = self.process.memory_info().rss
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-        self.mib = (self.peak - self.start) / 2**20
 
 
 def bench_training(model, pairs, steps, warmup):
@@ -71,7 +41,6 @@ def bench_training(model, pairs, steps, warmup):
         for i in range(steps):
             one_step(warmup + i + 1)
         seconds = time.perf_counter() - start
-    del optimizer
     return pairs.shape[0] * steps / seconds, memory.mib
 
 
@@ -140,15 +109,7 @@ def main(argv=None):
               f"{r['train_pairs_per_s']:14.2f} {r['train_speedup_vs_eager']:8.2f} {r['train_peak_mib']:10.0f} "
               f"{r['encode_pairs_per_s']:15.2f} {r['encode_speedup_vs_eager']:8.2f} {r['encode_peak_mib']:11.0f} "
               f"{str(r['same_codes_as_eager']):>7s}")
-    result = dict(
-        benchmark="quantizer_speed",
-        torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-        cpu_count=psutil.cpu_count(), rows=rows,
-    )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    write_report({"benchmark": "quantizer_speed", "rows": rows}, args.output)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def resolve_config(argv: list[str] | None = None) -> QuantizerTrainingConfig:
             parser.add_argument("--resume", action="store_true", default=None,
                                 help="continue from the latest checkpoint in --output-dir")
         else:
-            parser.add_argument(flag, default=None, type=_parse_value, metavar=f.name.upper(), help=f"(default from preset)")
+            parser.add_argument(flag, default=None, type=_parse_value, metavar=f.name.upper(), help="(default from the preset)")
     args = parser.parse_args(argv)
 
     file_settings: dict = {}
@@ -278,7 +278,7 @@ def _trackers(c: QuantizerTrainingConfig):
         return None
     if c.report_to == "auto":
         try:
-            import tensorboard  # noqa: F401
+            import tensorboard  # noqa: F401  (only: is it installed?)
         except ImportError:
             return None
         return "tensorboard"
