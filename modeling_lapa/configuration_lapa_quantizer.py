@@ -69,6 +69,11 @@ class LAPAQuantizerConfig(PretrainedConfig):
             divided by the batch size, fall below this.
         replacement_seed (`int`, defaults to 0): seed of the random choices of a replacement; mixed with the step, so
             every rank of a distributed run draws the same choices.
+        codebook_per_slot (`bool`, defaults to False): give each of the s slots its own codebook of |C| vectors
+            (shape (s, |C|, q)) and run the replacement rule per slot. The reference shares one codebook; its slots
+            see different parts of the frame (the 2 x 2 output of the NSVQ CNN for s = 4) and on robot video they
+            split the shared codes between them (e.g. the slots over the arm use some, the slots over the table
+            the others), so that no slot uses all of them. Off for the reference (and converted checkpoints).
         initializer_range (`float`, defaults to 0.02): kept for transformers' conventions; the weights are
             initialised like the reference (PyTorch's defaults), see `_init_weights`.
     """
@@ -95,6 +100,7 @@ class LAPAQuantizerConfig(PretrainedConfig):
         replacement_steps: list[int] | None = None,
         replacement_threshold: float = 0.1,
         replacement_seed: int = 0,
+        codebook_per_slot: bool = False,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -116,6 +122,7 @@ class LAPAQuantizerConfig(PretrainedConfig):
         self.replacement_steps = list(replacement_steps) if replacement_steps is not None else None
         self.replacement_threshold = replacement_threshold
         self.replacement_seed = replacement_seed
+        self.codebook_per_slot = codebook_per_slot
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self._validate()

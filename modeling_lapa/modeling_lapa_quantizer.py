@@ -280,12 +280,17 @@ class LAPAQuantizerNSVQ(nn.Module):
                 layers.append(nn.ReLU())
             layers.append(nn.Conv2d(q, q, kernel_size=kernel, stride=stride, padding=padding))
         self.downsample = nn.Sequential(*layers)
-        self.codebook = nn.Parameter(torch.randn(config.codebook_size, q))
+        # The reference shares one codebook (|C|, q) between the s slots. With `codebook_per_slot` each slot has its
+        # own (s, |C|, q): the slots see different parts of the frame and would otherwise split the shared codes.
+        self.per_slot = bool(config.codebook_per_slot)
+        s = config.code_seq_len
+        shape = (s, config.codebook_size, q) if self.per_slot else (config.codebook_size, q)
+        self.codebook = nn.Parameter(torch.randn(*shape))
         self.project_out = nn.Linear(q, config.hidden_size)
-        # Hits per code since the last replacement. A plain attribute, not a buffer: it is not part of the weights
-        # (as in the reference), and DDP must not broadcast it from rank 0 (each rank counts its own hits; a
-        # replacement sums them across ranks).
-        self.code_hits = torch.zeros(config.codebook_size, dtype=torch.float64)
+        # Hits per code (per slot and code with per-slot codebooks) since the last replacement. A plain attribute,
+        # not a buffer: it is not part of the weights (as in the reference), and DDP must not broadcast it from
+        # rank 0 (each rank counts its own hits; a replacement sums them across ranks).
+        self.code_hits = torch.zeros((s if self.per_slot else 1) * config.codebook_size, dtype=torch.float64)
 
     def encode_frame(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, h*w, D) -> (B*s, q), rows sample-major."""
@@ -295,8 +300,26 @@ class LAPAQuantizerNSVQ(nn.Module):
         x = self.downsample(x)
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
+    def _row_slots(self, num_rows: int, device) -> torch.Tensor:
+        """Slot of each row of a (B*s, ...) sample-major layout."""
+        return torch.arange(num_rows, device=device) % self.config.code_seq_len
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codebook vectors of codes (N,) in the sample-major (B*s) row layout -> (N, q)."""
+        if self.per_slot:
+            return self.codebook[self._row_slots(codes.shape[0], codes.device), codes]
+        return self.codebook[codes]
+
     def nearest_codes(self, latents: torch.Tensor) -> torch.Tensor:
-        """(N, q) -> (N,) indices of the nearest codebook vectors by squared L2 distance."""
+        """(N, q) -> (N,) indices of the nearest codebook vectors by squared L2 distance (N = B*s rows)."""
+        if self.per_slot:
+            x = latents.reshape(-1, self.config.code_seq_len, latents.shape[-1])  # (B, s, q)
+            distances = (
+                x.pow(2).sum(dim=-1, keepdim=True)
+                - 2 * torch.einsum("bsq,scq->bsc", x, self.codebook)
+                + self.codebook.pow(2).sum(dim=-1).unsqueeze(0)
+            )
+            return distances.argmin(dim=-1).reshape(-1)
         codebook = self.codebook
         distances = (
             latents.pow(2).sum(dim=1, keepdim=True)
@@ -319,9 +342,13 @@ class LAPAQuantizerNSVQ(nn.Module):
         return latents + (residual_norm / noise_norm + 1e-12) * noise
 
     def count_hits(self, codes: torch.Tensor) -> None:
+        """Add a batch's codes (N,) (sample-major rows) to the hit counter."""
         if self.code_hits.device != codes.device:
             self.code_hits = self.code_hits.to(codes.device)
-        self.code_hits += torch.bincount(codes.flatten(), minlength=self.config.codebook_size).to(self.code_hits.dtype)
+        index = codes.flatten()
+        if self.per_slot:
+            index = self._row_slots(index.shape[0], index.device) * self.config.codebook_size + index
+        self.code_hits += torch.bincount(index, minlength=self.code_hits.numel()).to(self.code_hits.dtype)
 
     @torch.no_grad()
     def replace_unused_codes(self, batch_size: int, step: int) -> torch.Tensor:
@@ -329,30 +356,48 @@ class LAPAQuantizerNSVQ(nn.Module):
 
         In a distributed run the hits and batch sizes are summed over ranks and the random choices come from a
         generator seeded by (replacement_seed, step), so every rank takes the same decision and the codebooks stay
-        identical. Returns the indices of the replaced codes; resets the hit counter.
+        identical. With per-slot codebooks the rule runs in each slot's codebook. Returns the indices of the
+        replaced codes (`slot * codebook_size + code` with per-slot codebooks); resets the hit counter.
         """
         device = self.codebook.device
-        totals = torch.cat([self.code_hits.to(device, torch.float64), torch.tensor([float(batch_size)], device=device, dtype=torch.float64)])
+        totals = torch.cat([
+            self.code_hits.to(device, torch.float64),
+            torch.tensor([float(batch_size)], device=device, dtype=torch.float64),
+        ])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
         hits, total_batch = totals[:-1], totals[-1]
+        generator = torch.Generator(device="cpu").manual_seed(self.config.replacement_seed * 1_000_003 + step)
+        size = self.config.codebook_size
+        if self.per_slot:
+            replaced = [
+                self._replace_in(self.codebook.data[slot], hits[slot * size : (slot + 1) * size], total_batch, generator)
+                + slot * size
+                for slot in range(self.config.code_seq_len)
+            ]
+            replaced = torch.cat(replaced)
+        else:
+            replaced = self._replace_in(self.codebook.data, hits, total_batch, generator)
+        self.code_hits.zero_()
+        return replaced
+
+    def _replace_in(self, codebook: torch.Tensor, hits: torch.Tensor, total_batch: torch.Tensor, generator) -> torch.Tensor:
+        """The reference rule on one (|C|, q) codebook, in place. Returns the replaced indices."""
+        device = codebook.device
         unused_mask = (hits / total_batch) < self.config.replacement_threshold
         unused = torch.nonzero(unused_mask).flatten()
         used = torch.nonzero(~unused_mask).flatten()
-        generator = torch.Generator(device="cpu").manual_seed(self.config.replacement_seed * 1_000_003 + step)
         eps = 1e-12
         if used.numel() == 0:
-            noise = torch.randn(self.codebook.shape, generator=generator, dtype=torch.float32)
-            self.codebook.add_(eps * noise.to(device, self.codebook.dtype))
+            noise = torch.randn(codebook.shape, generator=generator, dtype=torch.float32)
+            codebook.add_(eps * noise.to(device, codebook.dtype))
         elif unused.numel() > 0:
-            used_vectors = self.codebook[used].clone()
+            used_vectors = codebook[used].clone()
             if used.numel() < unused.numel():
                 used_vectors = used_vectors.repeat(unused.numel() // used.numel() + 1, 1)
             order = torch.randperm(used_vectors.shape[0], generator=generator).to(device)
-            noise = torch.randn((unused.numel(), self.config.quant_dim), generator=generator, dtype=torch.float32)
-            replacement = used_vectors[order][: unused.numel()] + eps * noise.to(device, self.codebook.dtype)
-            self.codebook[unused] = replacement
-        self.code_hits.zero_()
+            noise = torch.randn((unused.numel(), codebook.shape[1]), generator=generator, dtype=torch.float32)
+            codebook[unused] = used_vectors[order][: unused.numel()] + eps * noise.to(device, codebook.dtype)
         return unused
 
 
@@ -507,7 +552,7 @@ class LAPAQuantizerModel(LAPAQuantizerPreTrainedModel):
         b, s, q = pixel_values.shape[0], self.config.code_seq_len, self.config.quant_dim
         _, latents, _ = self._latents(pixel_values)
         codes = self.quantizer.nearest_codes(latents)
-        quantized = self.quantizer.codebook[codes]
+        quantized = self.quantizer.lookup(codes)
         return LAPAQuantizerEncoderOutput(
             codes=codes.reshape(b, s), latents=latents.reshape(b, s, q), quantized=quantized.reshape(b, s, q)
         )
@@ -527,7 +572,7 @@ class LAPAQuantizerModel(LAPAQuantizerPreTrainedModel):
         first_tokens = self.patch_embedding(first_frame)
         grid = self.config.grid_size
         position_bias = self.spatial_position_bias(grid, grid)
-        vectors = self.quantizer.codebook[codes.reshape(-1).to(self.quantizer.codebook.device)]
+        vectors = self.quantizer.lookup(codes.reshape(-1).to(self.quantizer.codebook.device))
         action_tokens = self.quantizer.to_action_tokens(vectors, b)
         return self._decode_tokens(first_tokens, action_tokens, position_bias)
 
@@ -551,7 +596,7 @@ class LAPAQuantizerModel(LAPAQuantizerPreTrainedModel):
         first_tokens, latents, position_bias = self._latents(pixel_values)
         nsvq = self.quantizer
         codes = nsvq.nearest_codes(latents)
-        hard = nsvq.codebook[codes]
+        hard = nsvq.lookup(codes)
         quantized = nsvq.noise_substitute(latents, hard) if self.training else hard
 
         one_hot_mean = torch.bincount(codes, minlength=self.config.codebook_size).to(latents.dtype) / codes.numel()

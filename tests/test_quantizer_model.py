@@ -271,3 +271,36 @@ def test_forward_replaces_on_schedule_only_in_training(model):
         out = model(x, step=10)
     assert out.replaced_codes is not None
     assert model.quantizer.code_hits.sum().item() == 0
+
+
+def test_per_slot_codebooks_pick_each_slots_nearest_code_and_round_trip(tmp_path):
+    model = LAPAQuantizerModel(small_config(codebook_per_slot=True)).eval()
+    assert model.quantizer.codebook.shape == (4, 8, 8)
+    x = pairs()
+    with torch.no_grad():
+        enc = model.encode(x)
+        for slot in range(4):
+            brute = torch.cdist(enc.latents[:, slot], model.quantizer.codebook[slot]).argmin(-1)
+            assert torch.equal(enc.codes[:, slot], brute)
+            assert torch.equal(enc.quantized[:, slot], model.quantizer.codebook[slot][enc.codes[:, slot]])
+        assert torch.allclose(model.decode(x[:, 0], enc.codes), model(x).reconstruction, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.codebook_per_slot and torch.equal(loaded.quantizer.codebook, model.quantizer.codebook)
+
+
+def test_per_slot_replacement_runs_in_each_slot():
+    model = LAPAQuantizerModel(small_config(codebook_per_slot=True))
+    nsvq = model.quantizer
+    before = nsvq.codebook.detach().clone()
+    # batch of 10 pairs, 4 slots: slot s only ever uses code s (10 hits each); everything else unused
+    codes = torch.arange(4).repeat(10)  # sample-major rows: slot = row % 4
+    nsvq.count_hits(codes)
+    replaced = nsvq.replace_unused_codes(batch_size=10, step=10)
+    expected = [slot * 8 + code for slot in range(4) for code in range(8) if code != slot]
+    assert replaced.tolist() == expected
+    after = nsvq.codebook.detach()
+    for slot in range(4):
+        assert torch.equal(after[slot, slot], before[slot, slot])  # the used code stays
+        for code in range(8):  # every other code of the slot became a copy of that slot's used code
+            assert (after[slot, code] - before[slot, slot]).abs().max().item() < 1e-6
