@@ -69,6 +69,12 @@ class LAPAQuantizerConfig(PretrainedConfig):
             divided by the batch size, fall below this.
         replacement_seed (`int`, defaults to 0): seed of the random choices of a replacement; mixed with the step, so
             every rank of a distributed run draws the same choices.
+        replacement_noise (`float`, defaults to 1e-12): standard deviation of the Gaussian noise added to the copies
+            of used codes that replace unused ones. At 1e-12 or below it is absolute: the reference's rule exactly
+            (1e-12), which float32 cannot represent next to entries of ordinary size, so the copies are exact
+            duplicates of used codes, ties go to the lower index and a copy never takes pairs from its original.
+            Above 1e-12 it is relative to the root-mean-square entry of the copied code (e.g. 0.1), so that a copy
+            lands near its original and can split its pairs.
         codebook_per_slot (`bool`, defaults to False): give each of the s slots its own codebook of |C| vectors
             (shape (s, |C|, q)) and run the replacement rule per slot. The reference shares one codebook; its slots
             see different parts of the frame (the 2 x 2 output of the NSVQ CNN for s = 4) and on robot video they
@@ -101,6 +107,7 @@ class LAPAQuantizerConfig(PretrainedConfig):
         replacement_threshold: float = 0.1,
         replacement_seed: int = 0,
         codebook_per_slot: bool = False,
+        replacement_noise: float = 1e-12,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -123,6 +130,7 @@ class LAPAQuantizerConfig(PretrainedConfig):
         self.replacement_threshold = replacement_threshold
         self.replacement_seed = replacement_seed
         self.codebook_per_slot = codebook_per_slot
+        self.replacement_noise = replacement_noise
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self._validate()

@@ -382,22 +382,30 @@ class LAPAQuantizerNSVQ(nn.Module):
         return replaced
 
     def _replace_in(self, codebook: torch.Tensor, hits: torch.Tensor, total_batch: torch.Tensor, generator) -> torch.Tensor:
-        """The reference rule on one (|C|, q) codebook, in place. Returns the replaced indices."""
+        """The reference rule on one (|C|, q) codebook, in place. Returns the replaced indices.
+
+        The reference's noise is 1e-12 in absolute terms; with the default `replacement_noise` = 1e-12 we add exactly
+        that. Larger values are taken relative to the RMS entry of each copied code (see the config)."""
         device = codebook.device
         unused_mask = (hits / total_batch) < self.config.replacement_threshold
         unused = torch.nonzero(unused_mask).flatten()
         used = torch.nonzero(~unused_mask).flatten()
-        eps = 1e-12
+        noise_scale = self.config.replacement_noise
+        reference_noise = noise_scale <= 1e-12
         if used.numel() == 0:
-            noise = torch.randn(codebook.shape, generator=generator, dtype=torch.float32)
-            codebook.add_(eps * noise.to(device, codebook.dtype))
+            noise = torch.randn(codebook.shape, generator=generator, dtype=torch.float32).to(device, codebook.dtype)
+            scale = noise_scale if reference_noise else noise_scale * codebook.pow(2).mean(dim=1, keepdim=True).sqrt()
+            codebook.add_(scale * noise)
         elif unused.numel() > 0:
             used_vectors = codebook[used].clone()
             if used.numel() < unused.numel():
                 used_vectors = used_vectors.repeat(unused.numel() // used.numel() + 1, 1)
             order = torch.randperm(used_vectors.shape[0], generator=generator).to(device)
+            copies = used_vectors[order][: unused.numel()]
             noise = torch.randn((unused.numel(), codebook.shape[1]), generator=generator, dtype=torch.float32)
-            codebook[unused] = used_vectors[order][: unused.numel()] + eps * noise.to(device, codebook.dtype)
+            noise = noise.to(device, codebook.dtype)
+            scale = noise_scale if reference_noise else noise_scale * copies.pow(2).mean(dim=1, keepdim=True).sqrt()
+            codebook[unused] = copies + scale * noise
         return unused
 
 

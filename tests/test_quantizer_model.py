@@ -304,3 +304,19 @@ def test_per_slot_replacement_runs_in_each_slot():
         assert torch.equal(after[slot, slot], before[slot, slot])  # the used code stays
         for code in range(8):  # every other code of the slot became a copy of that slot's used code
             assert (after[slot, code] - before[slot, slot]).abs().max().item() < 1e-6
+
+
+def test_replacement_noise_makes_copies_distinct_only_above_the_reference_value():
+    for noise, distinct in ((1e-12, False), (0.1, True)):
+        model = LAPAQuantizerModel(small_config(replacement_noise=noise))
+        nsvq = model.quantizer
+        nsvq.count_hits(torch.zeros(40, dtype=torch.long))  # only code 0 is used
+        replaced = nsvq.replace_unused_codes(batch_size=10, step=10)
+        assert replaced.tolist() == list(range(1, 8))
+        copies = nsvq.codebook.detach()[1:]
+        original = nsvq.codebook.detach()[0]
+        differs = (copies - original).abs().amax(dim=1) > 0
+        assert bool(differs.all()) is distinct
+        if distinct:  # near the original: about 10% of its RMS entry
+            rms = original.pow(2).mean().sqrt()
+            assert (copies - original).pow(2).mean().sqrt() < 0.3 * rms
