@@ -222,7 +222,7 @@ def source_fingerprint(root: Path) -> str:
 
 # -- the work dir ---------------------------------------------------------------------------------------------
 class LabellingWorkDir:
-    """`<output>/.labelling/`: `plan.json` (the settings of the run) and one `shard-XXXXXX.parquet` per finished
+    """`<output>/.labelling/`: `plan.json` (the settings of the run) and one `shard-<6-digit id>.parquet` per finished
     shard, with columns `index`, `episode_index`, `frame_index`, `latent_action` and the shard's skipped episodes
     in the file's metadata."""
 

@@ -97,7 +97,7 @@ class LeRobotDatasetWriter:
         codec: FFmpeg encoder, "libx264" (H.264) by default.
         data_files_size_mb, video_files_size_mb: when the current parquet / mp4 file would grow past this,
             the next episode starts a new file (LeRobot's `data_files_size_in_mb` / `video_files_size_in_mb`).
-        chunks_size: files per chunk-XXX folder.
+        chunks_size: files per chunk-<3-digit index> folder.
         feature_names: optional names of the dimensions, e.g. {"action": ["dx", "dy", "dz", "gripper"]}.
         overwrite: delete an existing `root` first.
     """
