@@ -160,3 +160,19 @@ def test_two_process_training_keeps_identical_codebooks(tmp_path, dataset):
     assert [c["step"] for c in checks] == [10, 20]
     assert all(c["codebooks_identical"] and c["world_size"] == 2 for c in checks)
     assert state["config"]["effective_batch_size"] == 16
+
+
+def test_two_sources_are_mixed_in_training_and_evaluated_each_on_its_own(tmp_path, dataset):
+    other = write_moving_square_dataset(tmp_path / "other", episodes=4, seed=1)
+    config = run_config(tmp_path, dataset, mix_weights=[3, 1], max_steps=4, save_every=4, holdout_episodes=2)
+    settings = yaml.safe_load(config.read_text())
+    settings["dataset"] = [str(dataset), str(other)]
+    config.write_text(yaml.safe_dump(settings))
+    proc = _train(["--config", str(config), "--output-dir", str(tmp_path / "mixed")], _env())
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    final = json.loads((tmp_path / "mixed" / "eval" / "final_metrics.json").read_text())
+    assert sorted(final["sources"]) == sorted([str(dataset), str(other)])
+    for i, metrics in enumerate(final["sources"].values()):
+        assert metrics["num_episodes"] == 2 and metrics["probes"]["available"]
+        assert (tmp_path / "mixed" / "eval" / "step-0000004" / f"source-{i}" / "metrics.json").is_file()

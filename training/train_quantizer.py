@@ -405,26 +405,29 @@ def train(c: QuantizerTrainingConfig) -> dict:
                 "codebook_sync_checks": sync_checks, "config": config_record}
 
     def run_eval():
+        """Held-out evaluation of each source on its own (its episodes, its action space), probes fitted on that
+        source's training pairs. One source: its metrics; several: {"sources": {name: metrics}}."""
         if not main:
             return None
         from training.quantizer_eval import evaluate_quantizer
 
-        eval_data = eval_sets[0] if len(eval_sets) == 1 else torch.utils.data.ConcatDataset(eval_sets)
-        probe_base = train_sets[0]
-        g = torch.Generator().manual_seed(c.seed)
-        probe_idx = torch.randperm(len(probe_base), generator=g)[: c.probe_train_pairs].tolist()
-        probe_pairs = torch.utils.data.Subset(probe_base, sorted(probe_idx))
+        step_dir = output_dir / "eval" / f"step-{step:07d}"
+        results = {}
         # The evaluation must not move the training RNG streams (exact resume, identical runs with or without it).
         with torch.random.fork_rng(devices=[]):
             state = np.random.get_state()
-            metrics = evaluate_quantizer(
-                accelerator.unwrap_model(model), eval_data, probe_train_pairs=probe_pairs,
-                output_dir=output_dir / "eval" / f"step-{step:07d}", step=step, batch_size=c.eval_batch_size,
-                max_pairs=c.eval_max_pairs, seed=c.seed,
-            )
+            for i, ((name, _), train_pairs, eval_pairs) in enumerate(zip(sources, train_sets, eval_sets)):
+                g = torch.Generator().manual_seed(c.seed)
+                probe_idx = torch.randperm(len(train_pairs), generator=g)[: c.probe_train_pairs].tolist()
+                results[name] = evaluate_quantizer(
+                    accelerator.unwrap_model(model), eval_pairs,
+                    probe_train_pairs=torch.utils.data.Subset(train_pairs, sorted(probe_idx)),
+                    output_dir=step_dir if len(sources) == 1 else step_dir / f"source-{i}", step=step,
+                    batch_size=c.eval_batch_size, max_pairs=c.eval_max_pairs, seed=c.seed,
+                )
             np.random.set_state(state)
         model.train()
-        return metrics
+        return next(iter(results.values())) if len(results) == 1 else {"step": step, "sources": results}
 
     model.train()
     progress = tqdm(total=c.max_steps, initial=step, disable=not main, desc="train quantizer", dynamic_ncols=True)
