@@ -75,6 +75,11 @@ class LAPAQuantizerConfig(PretrainedConfig):
             duplicates of used codes, ties go to the lower index and a copy never takes pairs from its original.
             Above 1e-12 it is relative to the root-mean-square entry of the copied code (e.g. 0.1), so that a copy
             lands near its original and can split its pairs.
+        replacement_min_share (`float`, *optional*): also count a code as unused when its share of the quantised
+            vectors since the last replacement (of its slot's, with per-slot codebooks) is below this, e.g. 0.03.
+            The reference rule compares hits with one batch, which over intervals of 100-500 steps almost never
+            fires after the first few hundred steps; a share rule keeps rarely chosen codes in play. `None` (the
+            default) = the reference rule only.
         codebook_per_slot (`bool`, defaults to False): give each of the s slots its own codebook of |C| vectors
             (shape (s, |C|, q)) and run the replacement rule per slot. The reference shares one codebook; its slots
             see different parts of the frame (the 2 x 2 output of the NSVQ CNN for s = 4) and on robot video they
@@ -108,6 +113,7 @@ class LAPAQuantizerConfig(PretrainedConfig):
         replacement_seed: int = 0,
         codebook_per_slot: bool = False,
         replacement_noise: float = 1e-12,
+        replacement_min_share: float | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -131,6 +137,12 @@ class LAPAQuantizerConfig(PretrainedConfig):
         self.replacement_seed = replacement_seed
         self.codebook_per_slot = codebook_per_slot
         self.replacement_noise = replacement_noise
+        if replacement_min_share is not None and not 0.0 <= replacement_min_share < 1.0 / codebook_size:
+            raise ValueError(
+                f"replacement_min_share must be in [0, 1/codebook_size) = [0, {1.0 / codebook_size:.4g}), got "
+                f"{replacement_min_share}: at 1/|C| or above every code would count as unused"
+            )
+        self.replacement_min_share = replacement_min_share
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self._validate()

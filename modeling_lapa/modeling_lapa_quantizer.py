@@ -352,7 +352,8 @@ class LAPAQuantizerNSVQ(nn.Module):
 
     @torch.no_grad()
     def replace_unused_codes(self, batch_size: int, step: int) -> torch.Tensor:
-        """Overwrite codes with hits / batch_size < threshold by randomly chosen used codes (+1e-12 noise).
+        """Overwrite codes with hits / batch_size < threshold (or, optionally, a share of the hits below
+        `replacement_min_share`) by randomly chosen used codes plus noise.
 
         In a distributed run the hits and batch sizes are summed over ranks and the random choices come from a
         generator seeded by (replacement_seed, step), so every rank takes the same decision and the codebooks stay
@@ -388,6 +389,9 @@ class LAPAQuantizerNSVQ(nn.Module):
         that. Larger values are taken relative to the RMS entry of each copied code (see the config)."""
         device = codebook.device
         unused_mask = (hits / total_batch) < self.config.replacement_threshold
+        min_share = self.config.replacement_min_share
+        if min_share is not None and hits.sum() > 0:
+            unused_mask |= (hits / hits.sum()) < min_share
         unused = torch.nonzero(unused_mask).flatten()
         used = torch.nonzero(~unused_mask).flatten()
         noise_scale = self.config.replacement_noise

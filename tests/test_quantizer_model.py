@@ -251,6 +251,25 @@ def test_replacement_overwrites_unused_codes_with_used_ones(model):
     assert torch.equal(nsvq.codebook.detach(), after)
 
 
+def test_share_rule_also_replaces_rarely_chosen_codes():
+    # 1000 vectors over 500 steps of batch 2: code 2 has 30 hits (30/2 >= 0.1, the reference rule keeps it) but a
+    # share of 3%; with replacement_min_share=0.05 it is replaced too, with None it is not.
+    hits = torch.tensor([0] * 500 + [1] * 470 + [2] * 30)
+    for min_share, expected in ((None, [3, 4, 5, 6, 7]), (0.05, [2, 3, 4, 5, 6, 7])):
+        model = LAPAQuantizerModel(small_config(replacement_min_share=min_share))
+        model.quantizer.count_hits(hits)
+        assert model.quantizer.replace_unused_codes(batch_size=2, step=500).tolist() == expected
+    # per slot: the share is taken within each slot's own counts
+    model = LAPAQuantizerModel(small_config(codebook_per_slot=True, replacement_min_share=0.05))
+    slot_codes = torch.tensor([[0, 0, 0, 1]] * 38 + [[0, 1, 0, 1]] * 2)  # slot 1: code 1 has a 5% share; slot 3: all code 1
+    model.quantizer.count_hits(slot_codes)
+    replaced = model.quantizer.replace_unused_codes(batch_size=20, step=500).tolist()  # 2 hits / 20 = 0.1: kept by both rules
+    assert 1 * 8 + 1 not in replaced and 1 * 8 + 0 not in replaced and 3 * 8 + 1 not in replaced
+    assert 3 * 8 + 0 in replaced and len(replaced) == 4 * 8 - 5
+    with pytest.raises(ValueError, match="replacement_min_share"):
+        small_config(replacement_min_share=0.2)  # >= 1/|C| = 0.125
+
+
 def test_replacement_with_no_used_code_only_adds_tiny_noise(model):
     nsvq = model.quantizer
     before = nsvq.codebook.detach().clone()
