@@ -1,0 +1,35 @@
+"""Processing of the LAPA toolkit: images, prompts, latent-action tokens and action bins.
+
+Importing this package registers the processor with transformers' Auto classes:
+
+    >>> import processing_lapa
+    >>> from transformers import AutoProcessor
+    >>> processor = AutoProcessor.from_pretrained("path/to/saved_processor")   # -> LAPAProcessor
+"""
+
+from transformers import AutoImageProcessor, AutoProcessor
+
+from .action_tokenizer import ACTION_TOKENIZER_NAME, ActionTokenizer
+from .image_processing_lapa import LAPAImageProcessor
+from .processing_lapa import DEFAULT_PROMPT_TEMPLATE, LAPAProcessor, action_token, latent_token
+from .tokenization_lapa import build_tiny_tokenizer
+
+# The Auto classes find custom classes by name among registered ones; the key is the VLA's model type ("lapa"),
+# which keeps this package independent of the model code (a saved processor folder must stand alone).
+AutoImageProcessor.register("lapa", image_processor_classes={"pil": LAPAImageProcessor}, exist_ok=True)
+AutoProcessor.register("lapa", LAPAProcessor, exist_ok=True)
+# Saved folders carry this code and an `auto_map`, so that `trust_remote_code=True` loads them where this project is
+# not installed.
+LAPAImageProcessor.register_for_auto_class("AutoImageProcessor")
+LAPAProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "ACTION_TOKENIZER_NAME",
+    "DEFAULT_PROMPT_TEMPLATE",
+    "ActionTokenizer",
+    "LAPAImageProcessor",
+    "LAPAProcessor",
+    "action_token",
+    "build_tiny_tokenizer",
+    "latent_token",
+]
