@@ -26,6 +26,7 @@ from .lerobot_reader import LeRobotDataset, LeRobotDatasetMetadata, load_lerobot
 from .lerobot_writer import LeRobotDatasetWriter
 from .video import VideoEncoder, VideoFrameReader, decode_video, encode_video, probe_video
 from .video_folder import VideoFolderDataset, read_video_labels
+from .vla_frames import VLAFrameDataset, collate_vla_frames, make_streaming_vla_frames
 
 __all__ = [
     "DataFileError",
@@ -40,15 +41,18 @@ __all__ = [
     "MissingCameraKeyError",
     "SkippedEpisode",
     "UnsupportedCodebaseVersionError",
+    "VLAFrameDataset",
     "VideoDecodeError",
     "VideoEncoder",
     "VideoFolderDataset",
     "VideoFrameReader",
+    "collate_vla_frames",
     "decode_video",
     "encode_video",
     "gap_in_frames",
     "load_lerobot_dataset",
     "make_streaming_frame_pairs",
+    "make_streaming_vla_frames",
     "probe_video",
     "read_video_labels",
     "resolve_dataset_root",

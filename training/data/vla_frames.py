@@ -1,0 +1,450 @@
+"""Single frames for the VLA: (image at frame t, the episode's instruction, a target), map-style and streaming.
+
+Latent pretraining and action finetuning both train the vision-language model on one frame at a time:
+
+    target="latent"   the frame's latent action, the `latent_action` column written by `training/label_latents.py`
+    target="action"   the frame's ground-truth robot action, the `action` column
+
+An item is a dict:
+
+    image            (H, W, 3) uint8, channels-last RGB; S x S when `image_size=S`
+    instruction      str, the LeRobot task of the frame
+    latent_codes     (s,) int64 codes in [0, |C|)                 (target="latent")
+    action           (D,) float32                                   (target="action")
+    episode_index, frame_index   int
+
+`VLAFrameDataset` serves torch tensors; `make_streaming_vla_frames` serves numpy arrays (`datasets`' own
+currency); `collate_vla_frames` turns a list of either into a batch for `LAPAProcessor`.
+
+Rows of episodes that labelling could not label carry `UNLABELLED_CODE` (-1) in every slot
+(`training/latent_labels.py`); with target="latent" those frames are left out, counted in
+`num_unlabelled_frames` and logged once. Frames are decoded a whole episode at a time, as in
+`frame_pairs.py`: the map-style dataset keeps the last `episode_cache_size` decoded episodes, and the stream
+decodes each episode once in the process that owns its shard.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import OrderedDict
+from typing import Iterator
+
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from .errors import DataLayerError, EmptyEpisodeError, SkippedEpisode, log_skip_summary, skipped_from_error
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("latent", "action")
+ACTION_KEY = "action"
+
+
+def _latent_label_names() -> tuple[str, int]:
+    """(`LATENT_ACTION_KEY`, `UNLABELLED_CODE`) of the labelling stage.
+
+    Imported when needed, not at module level: `training.latent_labels` imports `training.data.errors`, so a
+    module-level import here would make `import training.latent_labels` (first) a circular import.
+    """
+    from ..latent_labels import LATENT_ACTION_KEY, UNLABELLED_CODE
+
+    return LATENT_ACTION_KEY, UNLABELLED_CODE
+
+
+def _as_rows(values: np.ndarray) -> np.ndarray:
+    """Per-frame values (T,) or (T, D) as (T, D): a one-slot column may be stored as scalars."""
+    return values.reshape(len(values), -1)
+
+
+class VLAFrameDataset(torch.utils.data.Dataset):
+    """Map-style frames of one camera of a LeRobot dataset, each with its instruction and target.
+
+    Args:
+        source: `LeRobotDataset` (`load_lerobot_dataset`); for target="latent" one labelled by
+            `training/label_latents.py`.
+        target: "latent" (items carry `latent_codes` (s,) int64) or "action" (items carry `action` (D,) float32).
+        episodes: episode indices to use (default: all the source serves), e.g. a training split.
+        camera_key: camera feature name ("observation.images.corner", or just "corner"); None -> the first.
+        image_size: S to resize frames to S x S while decoding (aspect ratio not kept); None keeps the size.
+        episode_cache_size: decoded episodes kept per process (items are cheap when read episode by episode).
+        skip_corrupt: leave out empty episodes (recorded in `.skipped`), and in the stream episodes whose video
+            fails to decode, instead of raising; None -> the source's setting.
+        frame_stride: serve frames 0, k, 2k, ... of each episode (consecutive frames are near duplicates).
+
+    Attributes:
+        episode_indices: episodes that serve at least one frame, in order.
+        num_unlabelled_frames: frames (at the stride) left out because their latent label is UNLABELLED (-1).
+        unlabelled_episodes: episodes left out entirely because none of their frames is labelled.
+        skipped: `SkippedEpisode` records of what the source and this dataset left out for bad input.
+    """
+
+    def __init__(
+        self,
+        source,
+        *,
+        target: str = "latent",
+        episodes: list[int] | None = None,
+        camera_key: str | None = None,
+        image_size: int | None = None,
+        episode_cache_size: int = 2,
+        skip_corrupt: bool | None = None,
+        frame_stride: int = 1,
+    ):
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if int(frame_stride) != frame_stride or frame_stride < 1:
+            raise ValueError(f"frame_stride must be a positive integer, got {frame_stride!r}")
+        latent_key, unlabelled_code = _latent_label_names()
+        self.source = source
+        self.target = target
+        self.latent_key = latent_key
+        self.camera_key = source.resolve_camera_key(camera_key)
+        self.image_size = image_size
+        self.episode_cache_size = episode_cache_size
+        self.skip_corrupt = getattr(source, "skip_corrupt", False) if skip_corrupt is None else skip_corrupt
+        self.frame_stride = int(frame_stride)
+        self._episode_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.skipped: list[SkippedEpisode] = list(getattr(source, "skipped", []))
+
+        available = list(source.episode_indices)
+        if episodes is None:
+            selected = available
+        else:
+            missing = sorted(set(episodes) - set(available))
+            if missing:
+                raise KeyError(
+                    f"episodes {missing} are not served by the source (missing or skipped); "
+                    f"it serves {len(available)} episodes"
+                )
+            wanted = set(int(e) for e in episodes)
+            selected = [e for e in available if e in wanted]
+
+        # The target column must exist before anything else is worth checking.
+        self._target_key = latent_key if target == "latent" else ACTION_KEY
+        if not self._has_column(self._target_key, available):
+            where = getattr(source, "root", source)
+            if target == "latent":
+                raise KeyError(
+                    f"{where}: target='latent' needs the per-frame column {latent_key!r}, which this dataset does "
+                    "not have. Label the dataset with the quantizer first: `python training/label_latents.py "
+                    "--dataset <this dataset> --quantizer <quantizer folder> --output <labelled folder>`, then "
+                    "load the labelled folder."
+                )
+            raise KeyError(
+                f"{where}: target='action' needs the per-frame column {ACTION_KEY!r} (the robot's actions), which "
+                "this dataset does not have: action finetuning needs a dataset recorded with actions."
+            )
+
+        own_skipped: list[SkippedEpisode] = []
+        self.episode_indices: list[int] = []
+        self.unlabelled_episodes: list[int] = []
+        self.num_unlabelled_frames = 0
+        self._frames: dict[int, np.ndarray] = {}  # episode -> frame indices t served, (n,) int64
+        for episode_index in selected:
+            length = source.episode_length(episode_index)
+            if length <= 0:
+                where = source.describe_episode(episode_index, self.camera_key)
+                error = EmptyEpisodeError(where, episode_index=episode_index)
+                if not self.skip_corrupt:
+                    raise error
+                own_skipped.append(skipped_from_error(error, episode_index=episode_index, path=where))
+                continue
+            frames = np.arange(0, length, self.frame_stride, dtype=np.int64)
+            if target == "latent":
+                codes = _as_rows(source.episode_column(episode_index, latent_key))[frames]
+                # Labelling writes -1 in every slot of a row it could not label; any -1 slot is not a code.
+                labelled = ~np.any(codes == unlabelled_code, axis=1)
+                self.num_unlabelled_frames += int(np.count_nonzero(~labelled))
+                frames = frames[labelled]
+                if len(frames) == 0:
+                    self.unlabelled_episodes.append(episode_index)
+                    continue
+            self.episode_indices.append(episode_index)
+            self._frames[episode_index] = frames
+        self.skipped.extend(own_skipped)
+        log_skip_summary(logger, own_skipped, what="VLA frames")
+        if self.num_unlabelled_frames:
+            logger.warning(
+                "VLA frames: left out %d frame(s) whose latent label is UNLABELLED (%d), %d episode(s) entirely "
+                "(%s); labelling could not label them (see info.json['latent_action_labelling']['skipped_episodes'])",
+                self.num_unlabelled_frames, unlabelled_code, len(self.unlabelled_episodes),
+                self.unlabelled_episodes[:10],
+            )
+        counts = [len(self._frames[e]) for e in self.episode_indices]
+        self._offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
+        self._positions = {episode_index: i for i, episode_index in enumerate(self.episode_indices)}
+
+    def _has_column(self, name: str, episodes: list[int]) -> bool:
+        """Whether the source's frame rows hold a numeric column `name` (read from the data, not info.json)."""
+        if episodes:
+            return self.source.episode_column(episodes[0], name) is not None
+        return name in self.source.meta.features
+
+    # -- indexing ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def num_frames(self, episode_index: int) -> int:
+        """Frames served from one episode."""
+        return len(self._frames[episode_index])
+
+    def frame_indices(self, episode_index: int) -> np.ndarray:
+        """The frame indices t served from one episode, ascending: (n,) int64."""
+        return self._frames[episode_index]
+
+    def locate(self, idx: int) -> tuple[int, int]:
+        """(episode_index, frame_index) of item `idx`."""
+        if idx < 0:
+            idx += len(self)
+        if not 0 <= idx < len(self):
+            raise IndexError(f"frame index {idx} out of range for {len(self)} frames")
+        position = int(np.searchsorted(self._offsets, idx, side="right") - 1)
+        episode_index = self.episode_indices[position]
+        return episode_index, int(self._frames[episode_index][idx - int(self._offsets[position])])
+
+    # -- targets and instructions, read from the parquet columns (no video) --------------------------------
+    def episode_targets(self, episode_index: int) -> np.ndarray:
+        """Targets of every frame of an episode (not only the served ones): (T, s) int64 or (T, D) float32."""
+        values = _as_rows(self.source.episode_column(episode_index, self._target_key))
+        return values.astype(np.int64 if self.target == "latent" else np.float32, copy=False)
+
+    def _served_column(self, name: str, dtype) -> np.ndarray:
+        if not self._has_column(name, self.episode_indices):
+            raise KeyError(f"{getattr(self.source, 'root', self.source)}: the dataset has no {name!r} column")
+        parts = [_as_rows(self.source.episode_column(e, name))[self._frames[e]] for e in self.episode_indices]
+        if not parts:
+            return np.zeros((0, 0), dtype=dtype)
+        return np.concatenate(parts).astype(dtype, copy=False)
+
+    def all_actions(self) -> np.ndarray:
+        """The `action` of every served frame, in item order: (N, D) float32.
+
+        Read from the parquet columns without decoding video: what fits the action tokenizer's bins on a
+        training split. Works with either target, as long as the dataset has actions.
+        """
+        return self._served_column(ACTION_KEY, np.float32)
+
+    def all_latent_codes(self) -> np.ndarray:
+        """The `latent_action` of every served frame, in item order: (N, s) int64. With target="action"
+        unlabelled frames are served too, and their rows are -1."""
+        return self._served_column(self.latent_key, np.int64)
+
+    @property
+    def action_dim(self) -> int | None:
+        """D of the `action` column, or None when the dataset has no actions."""
+        if not self._has_column(ACTION_KEY, self.episode_indices):
+            return None
+        return int(_as_rows(self.source.episode_column(self.episode_indices[0], ACTION_KEY)).shape[1])
+
+    @property
+    def latent_sequence_length(self) -> int | None:
+        """s, the codes per frame of the `latent_action` column, or None when the dataset is not labelled."""
+        if not self._has_column(self.latent_key, self.episode_indices):
+            return None
+        return int(_as_rows(self.source.episode_column(self.episode_indices[0], self.latent_key)).shape[1])
+
+    @property
+    def instructions(self) -> list[str]:
+        """The distinct instructions of the served frames, sorted."""
+        found: set[str] = set()
+        tasks = self.source.meta.tasks
+        for episode_index in self.episode_indices:
+            task_index = self.source.episode_column(episode_index, "task_index")
+            if task_index is None:  # no per-frame task column: the episode's task for every frame
+                found.add(self.source.episode_task(episode_index, 0))
+            else:
+                found.update(tasks[int(i)] for i in np.unique(task_index[self._frames[episode_index]]))
+        return sorted(found)
+
+    # -- decoding and items ------------------------------------------------------------------------------
+    def decode_episode(self, episode_index: int) -> np.ndarray:
+        """All frames of an episode for this camera and size: (T, S, S, 3) uint8, decoded once."""
+        return self.source.decode_episode(episode_index, self.camera_key, size=self.image_size)
+
+    def _cached_episode(self, episode_index: int) -> np.ndarray:
+        frames = self._episode_cache.pop(episode_index, None)
+        if frames is None:
+            frames = self.decode_episode(episode_index)
+        self._episode_cache[episode_index] = frames
+        while len(self._episode_cache) > self.episode_cache_size:
+            self._episode_cache.popitem(last=False)
+        return frames
+
+    def make_item(
+        self, episode_index: int, t: int, image: np.ndarray, targets: np.ndarray, *, as_numpy: bool = False
+    ) -> dict:
+        """The item of frame t from its decoded image (H, W, 3) uint8 and the episode's targets (T, ...)."""
+        # Copies: an item must not keep the whole decoded episode alive, nor let a caller write into the cache.
+        image = np.array(image, dtype=np.uint8)
+        value = np.array(targets[t])
+        item = {
+            "image": image if as_numpy else torch.from_numpy(image),
+            "instruction": self.source.episode_task(episode_index, int(t)),
+            "episode_index": int(episode_index),
+            "frame_index": int(t),
+        }
+        item["latent_codes" if self.target == "latent" else "action"] = value if as_numpy else torch.from_numpy(value)
+        return item
+
+    def __getitem__(self, idx: int) -> dict:
+        episode_index, t = self.locate(idx)
+        image = self._cached_episode(episode_index)[t]
+        return self.make_item(episode_index, t, image, self.episode_targets(episode_index))
+
+    def iter_episode(
+        self, episode_index: int, *, order: np.ndarray | None = None, as_numpy: bool = True
+    ) -> Iterator[dict]:
+        """Every served frame of one episode, decoding it once; `order` permutes positions 0..n-1 of the
+        served frames (not frame indices)."""
+        frames = self.decode_episode(episode_index)
+        targets = self.episode_targets(episode_index)
+        served = self._frames[episode_index]
+        for position in range(len(served)) if order is None else order:
+            t = int(served[position])
+            yield self.make_item(episode_index, t, frames[t], targets, as_numpy=as_numpy)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_episode_cache"] = OrderedDict()  # decoded frames are a per-process cache
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"VLAFrameDataset(frames={len(self)}, episodes={len(self.episode_indices)}, target={self.target!r}, "
+            f"camera={self.camera_key!r}, image_size={self.image_size}, frame_stride={self.frame_stride}, "
+            f"unlabelled_frames={self.num_unlabelled_frames}, skipped={len(self.skipped)})"
+        )
+
+
+# -- streaming ---------------------------------------------------------------------------------------------
+def _generate_episode_frames(
+    episode_shards: list[list[int]], frames: VLAFrameDataset, shuffle: bool, seed: int
+) -> Iterator[dict]:
+    """Generator of `datasets.IterableDataset.from_generator`: `datasets` calls it once per shard.
+
+    A shard is a list of episodes; each is decoded once and its frames are yielded in a permutation fixed by
+    (seed, episode), so that resuming from a state_dict (which re-runs the shard and skips what was already
+    yielded) yields exactly the frames that were not.
+    """
+    for shard in episode_shards:
+        for episode_index in shard:
+            order = None
+            if shuffle:
+                order = np.random.default_rng([seed, episode_index]).permutation(frames.num_frames(episode_index))
+            try:
+                yield from frames.iter_episode(episode_index, order=order, as_numpy=True)
+            except DataLayerError as error:
+                if not frames.skip_corrupt:
+                    raise
+                # Logged from the worker that met it; frames already yielded from the episode stay yielded.
+                logger.warning("streaming VLA frames: skipped episode %d: %s", episode_index, error)
+
+
+def make_streaming_vla_frames(
+    source_or_dataset,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    shuffle_buffer_size: int | None = None,
+    interleave_episodes: int = 8,
+    rank: int | None = None,
+    world_size: int | None = None,
+    **dataset_kwargs,
+) -> datasets.IterableDataset:
+    """VLA frames as a `datasets.IterableDataset`, one shard per episode.
+
+    Items are those of `VLAFrameDataset` with numpy arrays instead of tensors: `image` (H, W, 3) uint8,
+    `latent_codes` (s,) int64 or `action` (D,) float32, `instruction`, `episode_index`, `frame_index`.
+
+    Each episode is decoded once, sequentially, by the process that owns its shard. `split_dataset_by_node`
+    gives each rank its episodes (or, when the number of episodes is not divisible by `world_size`, every
+    rank reads all and keeps every world_size-th frame), and a DataLoader gives each worker a share of its
+    rank's episodes, so no frame is served twice.
+
+    Shuffling (`shuffle=True`), reproducible from `seed` and resumable exactly from `state_dict()`: the
+    episode order is shuffled (reshuffled by `set_epoch`), the frames of an episode come in a permutation
+    fixed by (seed, episode), and `interleave_episodes` episodes are read round-robin at a time (datasets'
+    `max_buffer_input_shards`), so consecutive items come from different episodes without holding pixels in
+    a buffer. `shuffle_buffer_size` adds datasets' shuffle buffer of that many frames on top; datasets does
+    not save the buffer in `state_dict()`, so after a resume the frames that were in it are not seen again in
+    that epoch (none is seen twice).
+
+    `source_or_dataset` is a `LeRobotDataset`, built into a `VLAFrameDataset` with `dataset_kwargs` (target,
+    episodes, camera_key, image_size, skip_corrupt, frame_stride), or a `VLAFrameDataset` used as is.
+    """
+    if isinstance(source_or_dataset, VLAFrameDataset):
+        if dataset_kwargs:
+            raise TypeError(
+                f"got a VLAFrameDataset and dataset arguments {sorted(dataset_kwargs)}: pass either a built "
+                "VLAFrameDataset or a LeRobotDataset with the arguments to build one"
+            )
+        frames = source_or_dataset
+    else:
+        frames = VLAFrameDataset(source_or_dataset, **dataset_kwargs)
+    if not frames.episode_indices:
+        raise ValueError(
+            f"no episode to stream (unlabelled: {len(frames.unlabelled_episodes)}, skipped: {len(frames.skipped)})"
+        )
+    dataset = datasets.IterableDataset.from_generator(
+        _generate_episode_frames,
+        gen_kwargs={
+            "episode_shards": [[episode_index] for episode_index in frames.episode_indices],
+            "frames": frames,
+            "shuffle": shuffle,
+            "seed": seed,
+        },
+    )
+    if shuffle:
+        shuffle_kwargs = {"seed": seed, "buffer_size": shuffle_buffer_size or 1}
+        if "max_buffer_input_shards" in inspect.signature(datasets.IterableDataset.shuffle).parameters:
+            shuffle_kwargs["max_buffer_input_shards"] = max(1, interleave_episodes)
+        dataset = dataset.shuffle(**shuffle_kwargs)
+    if world_size is not None:
+        if rank is None:
+            raise ValueError("pass rank together with world_size")
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    return dataset
+
+
+# -- batching ----------------------------------------------------------------------------------------------
+def collate_vla_frames(items: list[dict]) -> dict:
+    """Stacks VLA frame items (tensors or numpy arrays) into a batch.
+
+    Returns:
+        image           (B, H, W, 3) uint8 tensor, channels-last
+        instruction     list of B str
+        latent_codes    (B, s) int64 tensor      (when the items carry latent codes)
+        action          (B, D) float32 tensor    (when the items carry actions)
+        episode_index, frame_index   (B,) int64 tensors
+
+    Feed it to the processor as `processor(images=batch["image"].numpy(), text=batch["instruction"],
+    latent_codes=batch["latent_codes"])` (or `actions=batch["action"]`): the image processor reads numpy
+    images channels-last but torch tensors channels-first, so pass the numpy view (no copy), or
+    `batch["image"].permute(0, 3, 1, 2)`.
+    """
+    if not items:
+        raise ValueError("collate_vla_frames got no items")
+    target_keys = [key for key in ("latent_codes", "action") if key in items[0]]
+    for item in items:
+        if [key for key in ("latent_codes", "action") if key in item] != target_keys:
+            raise ValueError("collate_vla_frames: items mix targets (latent_codes vs action); batch one kind at a time")
+    sizes = {tuple(np.shape(item["image"])) for item in items}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"collate_vla_frames: images of different sizes {sorted(sizes)}; build the dataset with image_size=S"
+        )
+    batch = {
+        "image": torch.stack([torch.as_tensor(item["image"], dtype=torch.uint8) for item in items]),
+        "instruction": [item["instruction"] for item in items],
+    }
+    if "latent_codes" in target_keys:
+        codes = [torch.as_tensor(item["latent_codes"], dtype=torch.int64) for item in items]
+        batch["latent_codes"] = torch.stack(codes)
+    if "action" in target_keys:
+        batch["action"] = torch.stack([torch.as_tensor(item["action"], dtype=torch.float32) for item in items])
+    batch["episode_index"] = torch.tensor([int(item["episode_index"]) for item in items], dtype=torch.int64)
+    batch["frame_index"] = torch.tensor([int(item["frame_index"]) for item in items], dtype=torch.int64)
+    return batch
