@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "step-"
@@ -51,6 +52,23 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _model_state(model: torch.nn.Module, trainable_only: bool, keys_only: bool = False) -> dict:
+    """The weights a checkpoint stores, as contiguous CPU tensors, each storage once (tied weights are saved under
+    their first name; `load_state_dict` restores the tie through the shared module)."""
+    if trainable_only:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    else:
+        named = list(model.state_dict(keep_vars=True).items())
+    seen, state = set(), {}
+    for name, tensor in named:
+        key = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.numel() else (name,)
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = None if keys_only else tensor.detach().contiguous().cpu()
+    return state
+
+
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
 
@@ -75,8 +93,12 @@ def save_checkpoint(
     trainer_state: dict,
     rank_extra: dict | None = None,
     keep: int | None = None,
+    trainable_only: bool = False,
 ) -> Path:
-    """Save a checkpoint from every process (collective: call on all ranks). Returns its folder."""
+    """Save a checkpoint from every process (collective: call on all ranks). Returns its folder.
+
+    `trainable_only=True` stores only the parameters that train (e.g. LoRA adapters and trainable token rows):
+    the frozen rest is rebuilt identically by the run itself (same base weights, same seed) when it resumes."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -87,8 +109,8 @@ def save_checkpoint(
     torch.save(rank_state, tmp / f"rank-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        state = {k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        state = _model_state(unwrapped, trainable_only)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "trainable_only": str(trainable_only)})
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
     accelerator.wait_for_everyone()
@@ -119,8 +141,16 @@ def load_checkpoint(accelerator, folder: str | Path, *, model: torch.nn.Module, 
         )
     unwrapped = accelerator.unwrap_model(model)
     state = load_file(str(folder / "model.safetensors"))
-    result = unwrapped.load_state_dict(state, strict=True)
-    del result
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        trainable_only = (handle.metadata() or {}).get("trainable_only") == "True"
+    expected = set(_model_state(unwrapped, trainable_only, keys_only=True))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint {folder} does not match the model being trained: missing {missing[:10]}, unexpected "
+            f"{unexpected[:10]} (was it written by a run with other settings?)"
+        )
+    unwrapped.load_state_dict(state, strict=False)  # the key sets were compared exactly above (tied aliases are stored once)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     rank_state = torch.load(folder / f"rank-{accelerator.process_index}.pt", map_location="cpu", weights_only=True)
     _set_rng_state(rank_state["rng"])

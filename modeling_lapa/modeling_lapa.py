@@ -1,0 +1,374 @@
+"""The latent VLA: a transformers vision-language backbone that predicts latent actions, then robot actions.
+
+Token design (see the project's design notes): the |C| latent-action tokens `<latent_k>` and the N action-bin
+tokens `<action_b>` are ordinary tokens after the backbone's text vocabulary. A prompt is
+
+    [bos] <image> x num_image_tokens  "What action should the robot take to {instruction}?"  t_1 ... t_K
+
+(left-padded), with K = s latent tokens (latent pretraining) or D action tokens (action finetuning). At a latent
+target the loss and the decoding are a softmax over the |C| latent rows of the output matrix only, at an action
+target over the N action rows only: exactly the paper's separate latent and action heads, while the checkpoint stays
+an ordinary image-text-to-text model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_lapa import BACKBONE_FAMILIES, LAPAConfig
+from .loading import StrictLoadingMixin
+
+
+@dataclass
+class LAPAOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor`, *optional*): mean cross-entropy over the target tokens, each a softmax over its
+            own block (latent or action ids).
+        logits (`torch.FloatTensor` (B, L', V)): next-token logits over the whole vocabulary. With labels, only the
+            last L' positions (from the one before the first target to the end) are computed.
+        past_key_values: the backbone's KV cache.
+        target_accuracy (`torch.FloatTensor`, *optional*): fraction of target tokens whose block argmax is right.
+        num_target_tokens (`torch.LongTensor`, *optional*): number of target tokens in the batch.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    target_accuracy: torch.FloatTensor | None = None
+    num_target_tokens: torch.LongTensor | None = None
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token (pads get 0 too)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class LAPAPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    config_class = LAPAConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The backbone initialises its own modules (its `_init_weights` runs in its own post_init).
+        pass
+
+
+class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
+    """A vision-language backbone (`self.backbone`, an `AutoModelForImageTextToText` model) with LAPA's latent and
+    action heads expressed as blocks of its output matrix.
+
+    Inputs come from `LAPAProcessor`: `input_ids`/`attention_mask` (B, L) left-padded, `pixel_values`
+    (B, 3, S, S), and for training `labels` (B, L) equal to the ids at target positions and -100 elsewhere.
+    """
+
+    def __init__(self, config: LAPAConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        if backbone is None:
+            backbone_config = config.backbone_config
+            if getattr(config, "_attn_implementation_internal", None) is not None:
+                backbone_config._attn_implementation = config._attn_implementation
+            backbone = AutoModelForImageTextToText.from_config(backbone_config)
+        self.backbone = backbone
+        self._family = BACKBONE_FAMILIES[config.backbone_family]
+        self.processor = None  # set by `from_pretrained` when the folder holds a processor, or by the user
+        self.post_init()
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """Freeze the vision encoder when `config.freeze_vision_encoder` (re-applied after loading, which builds new
+        parameters)."""
+        if self.config.freeze_vision_encoder:
+            self.vision_encoder.requires_grad_(False)
+
+    # -- structure ---------------------------------------------------------------------------------------------------
+    @property
+    def vision_encoder(self) -> nn.Module:
+        """The backbone's image encoder (frozen by default)."""
+        return getattr(self.backbone.model, self._family["vision_module"])
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    @property
+    def latent_token_ids(self) -> range:
+        c = self.config
+        return range(c.latent_token_offset, c.latent_token_offset + c.num_latent_codes)
+
+    @property
+    def action_token_ids(self) -> range:
+        c = self.config
+        return range(c.action_token_offset, c.action_token_offset + c.num_action_bins)
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        """Ids of the tokens LAPA adds (latent, then action): the rows LoRA training must also train."""
+        return list(self.latent_token_ids) + list(self.action_token_ids)
+
+    @classmethod
+    def from_backbone(cls, backbone: PreTrainedModel | str, processor, freeze_vision_encoder: bool = True,
+                      **backbone_kwargs) -> "LAPAForActionPrediction":
+        """Wrap a pretrained vision-language model (a module or a Hub id / folder) for LAPA: its embeddings are
+        resized to the processor's vocabulary, the new rows initialised at the mean of the old ones."""
+        if isinstance(backbone, str):
+            backbone = AutoModelForImageTextToText.from_pretrained(backbone, **backbone_kwargs)
+        backbone.resize_token_embeddings(processor.vocab_size, mean_resizing=True)
+        config = LAPAConfig.from_processor(backbone.config, processor, freeze_vision_encoder=freeze_vision_encoder)
+        backbone.config.image_token_id = processor.image_token_id
+        model = cls(config, backbone=backbone)
+        model.processor = processor
+        return model
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+    def _images_for_backbone(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+        if pixel_values is None:
+            return None
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, S, S), got {tuple(pixel_values.shape)}")
+        if self._family["images_axis"]:
+            # Idefics3/SmolVLM treat an image whose values are all exactly 0 as padding and drop it (then fail on
+            # the placeholder count). A real image can normalise to all zeros (a uniform image at the mean colour);
+            # a 1e-6 offset on one value keeps it an image and changes nothing measurable.
+            empty = pixel_values.flatten(1).eq(0).all(dim=1)
+            if empty.any():
+                pixel_values = pixel_values.clone()
+                pixel_values[empty, 0, 0, 0] = 1e-6
+            pixel_values = pixel_values.unsqueeze(1)  # one image per sample
+        return pixel_values.to(self.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> LAPAOutput:
+        if position_ids is None and attention_mask is not None and past_key_values is None:
+            position_ids = positions_from_mask(attention_mask)[:, -(input_ids if input_ids is not None else inputs_embeds).shape[1]:]
+        if labels is not None:
+            # Targets sit at the end of every (left-padded) row: only the positions from the one before the first
+            # target onwards need logits, which saves the full-vocabulary product over the image and prompt.
+            has_target = (labels != -100).any(dim=0)
+            if not has_target.any():
+                raise ValueError("labels hold no target token (all -100)")
+            first = int(has_target.nonzero()[0])
+            if first == 0:
+                raise ValueError("a target at position 0 has no token before it to predict it from")
+            logits_to_keep = labels.shape[1] - first + 1
+        outputs = self.backbone(
+            input_ids=input_ids,
+            pixel_values=self._images_for_backbone(pixel_values),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        logits = outputs.logits
+        loss = accuracy = count = None
+        if labels is not None:
+            kept = logits.shape[1]
+            # logits[:, j] predicts the token at position (L - kept + j + 1).
+            targets = labels[:, labels.shape[1] - kept + 1:]
+            loss, accuracy, count = self.block_loss(logits[:, :-1], targets)
+        return LAPAOutput(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
+            target_accuracy=accuracy, num_target_tokens=count,
+        )
+
+    def block_loss(self, logits: torch.Tensor, targets: torch.LongTensor):
+        """Cross-entropy of each target token against its own block (latent or action ids) only.
+
+        logits (B, K, V) aligned with targets (B, K) (-100 = no target). Returns (mean loss, accuracy, count)."""
+        c = self.config
+        total = logits.new_zeros((), dtype=torch.float32)
+        correct = torch.zeros((), dtype=torch.long, device=logits.device)
+        count = torch.zeros((), dtype=torch.long, device=logits.device)
+        valid = targets != -100
+        blocks = ((c.latent_token_offset, c.num_latent_codes), (c.action_token_offset, c.num_action_bins))
+        in_a_block = torch.zeros_like(valid)
+        for offset, size in blocks:
+            mask = valid & (targets >= offset) & (targets < offset + size)
+            in_a_block |= mask
+            if not mask.any():
+                continue
+            block_logits = logits[mask][:, offset:offset + size].float()
+            block_targets = targets[mask] - offset
+            total = total + F.cross_entropy(block_logits, block_targets, reduction="sum")
+            correct = correct + (block_logits.argmax(-1) == block_targets).sum()
+            count = count + mask.sum()
+        other = valid & ~in_a_block
+        if other.any():  # plain text targets (e.g. co-training on captions): the full vocabulary
+            text_logits = logits[other].float()
+            total = total + F.cross_entropy(text_logits, targets[other], reduction="sum")
+            correct = correct + (text_logits.argmax(-1) == targets[other]).sum()
+            count = count + other.sum()
+        denominator = count.clamp(min=1)
+        return total / denominator, correct.float() / denominator, count
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """`generate` support: the backbone decides what each step needs (pixels only on the first one)."""
+        return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate_block(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.FloatTensor,
+        num_tokens: int,
+        block: str,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+    ):
+        """Decode exactly `num_tokens` tokens, each restricted to one block ("latent" or "action"), with the KV cache.
+
+        No end-of-sequence rule applies: every step emits a token of the block. Greedy by default; `do_sample=True`
+        samples from softmax(logits / temperature), optionally restricted to the `top_k` best.
+        Returns the indices within the block (B, num_tokens) and, with `return_logits`, the block logits of every
+        step (B, num_tokens, block size)."""
+        if block == "latent":
+            offset, size = self.config.latent_token_offset, self.config.num_latent_codes
+        elif block == "action":
+            offset, size = self.config.action_token_offset, self.config.num_action_bins
+        else:
+            raise ValueError(f"block must be 'latent' or 'action', got {block!r}")
+        if do_sample and temperature <= 0:
+            raise ValueError("temperature must be positive when sampling")
+        attention_mask = attention_mask.to(input_ids.device)
+        positions = positions_from_mask(attention_mask)
+        out = self(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                   position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        next_position = positions[:, -1:] + 1
+        chosen, step_logits = [], []
+        for step in range(num_tokens):
+            logits = out.logits[:, -1, offset:offset + size].float()
+            step_logits.append(logits)
+            if do_sample:
+                scores = logits / temperature
+                if top_k is not None and top_k < size:
+                    kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                probs = scores.softmax(-1)
+                pick = torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device).squeeze(-1)
+            else:
+                pick = logits.argmax(-1)
+            chosen.append(pick)
+            if step + 1 == num_tokens:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
+            out = self(input_ids=(pick + offset).unsqueeze(-1), attention_mask=attention_mask,
+                       position_ids=next_position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            next_position = next_position + 1
+        codes = torch.stack(chosen, dim=1)
+        if return_logits:
+            return codes, torch.stack(step_logits, dim=1)
+        return codes
+
+    def _processor_or_raise(self, processor):
+        processor = processor if processor is not None else self.processor
+        if processor is None:
+            raise ValueError(
+                "no processor: pass processor=LAPAProcessor... or load the model from a folder that holds one "
+                "(save the processor next to the model), or set model.processor"
+            )
+        return processor
+
+    def _prompt_inputs(self, processor, images, instructions, center_crop: bool):
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        inputs = processor(images=images, text=instructions, center_crop=center_crop, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+
+    @torch.no_grad()
+    def predict_latent_actions(self, images, instructions, processor=None, center_crop: bool = False,
+                               return_logits: bool = False, **sampling) -> torch.LongTensor:
+        """Latent actions for a batch of (image, instruction): (B, s) codes in [0, |C|).
+
+        `images`: anything the processor takes (PIL images, uint8 arrays (B, H, W, 3), tensors); `instructions`:
+        a string or a list of B strings. `sampling`: `do_sample`, `temperature`, `top_k`, `generator`."""
+        processor = self._processor_or_raise(processor)
+        inputs = self._prompt_inputs(processor, images, instructions, center_crop)
+        return self.generate_block(**inputs, num_tokens=self.config.latent_sequence_length, block="latent",
+                                   return_logits=return_logits, **sampling)
+
+    @torch.no_grad()
+    def predict_action(self, images, instructions, dataset: str | None = None, processor=None,
+                       center_crop: bool = False, return_logits: bool = False, **sampling):
+        """Continuous actions (B, D) as a float32 numpy array, decoded at the bins' midpoints with the statistics of
+        `dataset` (the processor's only dataset when None). With `return_logits`, also the action-block logits
+        (B, D, N)."""
+        processor = self._processor_or_raise(processor)
+        action_dim = processor.action_tokenizer.action_dim(dataset)
+        inputs = self._prompt_inputs(processor, images, instructions, center_crop)
+        result = self.generate_block(**inputs, num_tokens=action_dim, block="action", return_logits=return_logits,
+                                     **sampling)
+        bins, logits = result if return_logits else (result, None)
+        actions = processor.action_tokenizer.decode(bins.cpu().numpy(), dataset=dataset)
+        return (actions, logits) if return_logits else actions
+
+    # -- loading -----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, load_processor: bool = True, **kwargs):
+        """`PreTrainedModel.from_pretrained` (strict), plus the processor saved in the same folder or repository, if
+        any, as `model.processor` (so `predict_action(images, instructions)` needs nothing else)."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.apply_freezing()
+        if load_processor:
+            model.processor = _load_processor_if_present(pretrained_model_name_or_path, kwargs)
+        return loaded
+
+
+def _load_processor_if_present(path, kwargs):
+    from transformers import AutoProcessor
+    from transformers.utils import cached_file
+
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+    found = cached_file(str(path), "processor_config.json", _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False, **hub_kwargs)
+    if found is None:
+        return None
+    return AutoProcessor.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code"), **hub_kwargs)
+
+
+__all__ = ["LAPAForActionPrediction", "LAPAOutput", "LAPAPreTrainedModel", "positions_from_mask"]
