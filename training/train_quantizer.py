@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch training/
 
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from training.settings import coerce_settings, parse_value  # noqa: E402
 
 logger = logging.getLogger("train_quantizer")
 
@@ -120,8 +121,8 @@ def _unknown_key_error(keys, where: str) -> ValueError:
 
 
 def _parse_value(text: str):
-    """Command-line values are read as YAML scalars/lists: 3e-4 -> float, true -> bool, [0.9,0.99] -> list."""
-    return yaml.safe_load(text)
+    """Command-line values: 3e-4 -> float, true -> bool, [0.9,0.99] -> list (see training/settings.py)."""
+    return parse_value(text)
 
 
 def resolve_config(argv: list[str] | None = None) -> QuantizerTrainingConfig:
@@ -175,7 +176,7 @@ def resolve_config(argv: list[str] | None = None) -> QuantizerTrainingConfig:
                 overrides[key] = _parse_value(text)
             value = overrides
         settings[name] = value
-    config = QuantizerTrainingConfig(**settings)
+    config = QuantizerTrainingConfig(**coerce_settings(settings, QuantizerTrainingConfig))
     _validate(config)
     config.preset = preset  # recorded in training_config.json
     return config

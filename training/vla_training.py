@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ if __package__ in (None, ""):
 
 from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config  # noqa: E402
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from training.settings import coerce_settings, parse_value  # noqa: E402
 
 logger = logging.getLogger("vla_training")
 
@@ -153,7 +155,7 @@ def resolve_config(stage: str, argv: list[str] | None = None, description: str |
             parser.add_argument("--tiny", action="append", default=None, metavar="KEY=VALUE",
                                 help="tiny backbone size, e.g. --tiny hidden_size=256 (repeatable)")
         else:
-            parser.add_argument(flag, default=None, type=yaml.safe_load, metavar=f.name.upper(),
+            parser.add_argument(flag, default=None, type=parse_value, metavar=f.name.upper(),
                                 help="(default from the preset)")
     args = parser.parse_args(argv)
     file_settings: dict = {}
@@ -179,10 +181,10 @@ def resolve_config(stage: str, argv: list[str] | None = None, description: str |
                 if "=" not in item:
                     raise ValueError(f"--tiny takes KEY=VALUE, got {item!r}")
                 key, text = item.split("=", 1)
-                sizes[key] = yaml.safe_load(text)
+                sizes[key] = parse_value(text)
             value = sizes
         settings[name] = value
-    config = VLATrainingConfig(**settings)
+    config = VLATrainingConfig(**coerce_settings(settings, VLATrainingConfig))
     validate_config(config)
     config.preset = preset
     config.stage = stage
@@ -497,8 +499,10 @@ def train(c: VLATrainingConfig) -> dict:
             state, _ = load_checkpoint(accelerator, folder, model=model, optimizer=optimizer)
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             history, evals = state.get("history", []), state.get("evals", [])
-            for _ in range(step):
-                scheduler.step()
+            with warnings.catch_warnings():  # fast-forward the schedule (no optimizer step happens here)
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(step):
+                    scheduler.step()
             if main:
                 logger.info("resumed from %s (step %d)", folder, step)
 
