@@ -17,17 +17,22 @@ from .modeling_lapa_quantizer import (
     LAPAQuantizerOutput,
     LAPAQuantizerPreTrainedModel,
 )
+from .vqgan_lwm import LWMVQGANConfig, LWMVQGANModel, LWMVQGANOutput, LWMVQGANPreTrainedModel, lwm_preprocess
 
 AutoConfig.register(LAPAQuantizerConfig.model_type, LAPAQuantizerConfig, exist_ok=True)
 AutoConfig.register(LAPAConfig.model_type, LAPAConfig, exist_ok=True)
 AutoModel.register(LAPAConfig, LAPAForActionPrediction, exist_ok=True)
 AutoModel.register(LAPAQuantizerConfig, LAPAQuantizerModel, exist_ok=True)
+AutoConfig.register(LWMVQGANConfig.model_type, LWMVQGANConfig, exist_ok=True)
+AutoModel.register(LWMVQGANConfig, LWMVQGANModel, exist_ok=True)
 # Saved folders carry the model code and an `auto_map`, so that `trust_remote_code=True` loads them where this
 # project is not installed.
 LAPAQuantizerConfig.register_for_auto_class()
 LAPAQuantizerModel.register_for_auto_class("AutoModel")
 LAPAConfig.register_for_auto_class()
 LAPAForActionPrediction.register_for_auto_class("AutoModel")
+LWMVQGANConfig.register_for_auto_class()
+LWMVQGANModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "LAPAConfig",
@@ -41,4 +46,9 @@ __all__ = [
     "LAPAQuantizerModel",
     "LAPAQuantizerOutput",
     "LAPAQuantizerPreTrainedModel",
+    "LWMVQGANConfig",
+    "LWMVQGANModel",
+    "LWMVQGANOutput",
+    "LWMVQGANPreTrainedModel",
+    "lwm_preprocess",
 ]

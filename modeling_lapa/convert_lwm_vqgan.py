@@ -8,7 +8,8 @@ through numpy's own reconstruction helpers; any other class or function named in
 
     python -m modeling_lapa.convert_lwm_vqgan --vqgan PATH/vqgan --output DIR [--preset released] [--check]
 
-Python API: `load_vqgan_pickle`, `flatten_params`, `vqgan_state_dict_from_params`, `convert_lwm_vqgan`.
+Python API: `load_vqgan_pickle`, `flatten_params`, `vqgan_key_map`, `vqgan_state_dict_from_params`,
+`model_from_params`, `convert_lwm_vqgan`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _safe_reconstruct(subtype, shape, dtype):
 def _safe_frombuffer(buffer, dtype, shape, order):
     """numpy's `_frombuffer` (pickle protocol 5 arrays)."""
     dtype = _refuse_object_dtype(np.dtype(dtype), "numpy _frombuffer")
-    return np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape, order=order).copy()
+    return np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape, order=order).copy(order="A")
 
 
 def _safe_scalar(dtype, data=None):
@@ -66,6 +67,22 @@ def _safe_scalar(dtype, data=None):
     return np.frombuffer(bytes(data), dtype=dtype, count=1)[0]
 
 
+def _safe_latin1_encode(text, encoding="utf-8"):
+    """`_codecs.encode(str, "latin1")`: how pickle protocols 0-2 store bytes."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"_codecs.encode with {encoding!r} refused (only latin1 bytes of pickle protocol <3).")
+    return text.encode("latin1")
+
+
+def _safe_bytes(*args):
+    """`bytes()` / `bytes(b"...")` as pickle protocols < 3 write empty or small byte strings."""
+    if not args:
+        return b""
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytes(args[0])
+    raise UnsafePickleError("bytes(...) with non-bytes arguments refused.")
+
+
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
 _ALLOWED: dict[tuple[str, str], object] = {
     ("builtins", "dict"): dict,
@@ -74,7 +91,9 @@ _ALLOWED: dict[tuple[str, str], object] = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytes"): _safe_bytes,
     ("collections", "OrderedDict"): dict,
+    ("_codecs", "encode"): _safe_latin1_encode,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): _safe_dtype,
     ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
@@ -94,12 +113,18 @@ class RestrictedUnpickler(pickle.Unpickler):
     reconstruction), each mapped to a checked stand-in. Persistent ids and extension codes are refused too."""
 
     def find_class(self, module: str, name: str):
+        if module in ("__builtin__", "copy_reg"):  # Python 2 names written by pickle protocols < 3
+            module = {"__builtin__": "builtins", "copy_reg": "copyreg"}[module]
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
+            hint = ""
+            if module.split(".")[0] in ("jax", "jaxlib", "flax"):
+                hint = (" The file holds JAX/Flax objects; re-save it as a dict of numpy arrays (e.g. "
+                        "jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(params))) where JAX is installed.")
             raise UnsafePickleError(
                 f"refusing to load {module}.{name} from the pickle: only plain containers and numpy arrays are "
-                "allowed (this file may run code when loaded with plain pickle)."
+                f"allowed (this file may run code when loaded with plain pickle).{hint}"
             ) from None
 
     def persistent_load(self, pid):
@@ -167,45 +192,44 @@ def _target_name(key: str) -> str | None:
     return None
 
 
-def vqgan_state_dict_from_params(tree: Mapping, config: LWMVQGANConfig | None = None) -> dict[str, torch.Tensor]:
-    """Map LWM's Flax VQGAN param tree (nested or '/'-flat) onto [`LWMVQGANModel`]'s state dict, strictly.
+def _torch_name(key: str) -> str | None:
+    """Flax key path ('encoder/DownsamplingBlock_0/ResnetBlock_0/Conv_0/kernel') -> model parameter name."""
+    if key == "quantize/embeddings":
+        return "quantize.embedding.weight"
+    module, _, leaf = key.rpartition("/")
+    target = _target_name(module)
+    if target is None or leaf not in ("kernel", "bias", "scale"):
+        return None
+    return f"{target}.{'bias' if leaf == 'bias' else 'weight'}"
 
-    Conv kernels HWIO -> OIHW, GroupNorm scale -> weight, codebook `quantize/embeddings` ->
-    `quantize.embedding.weight`. Every source key must be used and every model key filled with the right shape
-    (checked against a model built from `config`, by default read from the tree); otherwise a `KeyError` /
-    `ValueError` names the leftovers."""
-    flat = flatten_params(tree)
+
+def _torch_shape(key: str, shape: tuple) -> tuple:
+    return (shape[3], shape[2], shape[0], shape[1]) if key.endswith("/kernel") and len(shape) == 4 else tuple(shape)
+
+
+def vqgan_key_map(shapes: Mapping, config: LWMVQGANConfig | None = None) -> dict[str, str]:
+    """Check a Flax VQGAN tree's key paths and shapes ('/'-joined path -> shape; arrays work too) against
+    [`LWMVQGANModel`] built from `config` (default: read from the shapes) and return {flax key: model key}.
+
+    Strict: every source key must map to a model parameter and every model parameter must be filled, with the
+    right shape (Conv kernels HWIO become OIHW); otherwise `KeyError` / `ValueError` names the leftovers."""
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in flatten_params(shapes).items()}
     if config is None:
-        config = LWMVQGANConfig.from_param_shapes({k: np.shape(v) for k, v in flat.items()})
+        config = LWMVQGANConfig.from_param_shapes(shapes)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in LWMVQGANModel(config).state_dict().items()}
-    state, unknown = {}, []
-    for key, value in flat.items():
-        array = np.asarray(value)
-        if array.dtype.kind not in "fiu":
-            raise ValueError(f"{key}: unsupported dtype {array.dtype}.")
-        if key == "quantize/embeddings":
-            name, tensor = "quantize.embedding.weight", array
+    mapping, unknown, doubled = {}, [], []
+    for key in shapes:
+        name = _torch_name(key)
+        if name is None:
+            unknown.append(key)
+        elif name in mapping.values():
+            doubled.append(f"{key} -> {name}")
         else:
-            module, _, leaf = key.rpartition("/")
-            target = _target_name(module)
-            if target is None or leaf not in ("kernel", "bias", "scale"):
-                unknown.append(key)
-                continue
-            if leaf == "kernel":
-                if array.ndim != 4:
-                    raise ValueError(f"{key}: expected a 4-D HWIO conv kernel, got shape {array.shape}.")
-                name, tensor = f"{target}.weight", array.transpose(3, 2, 0, 1)
-            elif leaf == "scale":
-                name, tensor = f"{target}.weight", array
-            else:
-                name, tensor = f"{target}.bias", array
-        if name in state:
-            raise ValueError(f"{key}: two source keys map onto {name}.")
-        state[name] = torch.from_numpy(np.ascontiguousarray(tensor, dtype=np.float32))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if unknown or missing or unexpected:
+            mapping[key] = name
+    missing = sorted(set(expected) - set(mapping.values()))
+    unexpected = sorted(f"{k} -> {v}" for k, v in mapping.items() if v not in expected)
+    if unknown or missing or unexpected or doubled:
         raise KeyError(
             "LWM VQGAN params do not match LWMVQGANModel: "
             + "; ".join(
@@ -214,13 +238,36 @@ def vqgan_state_dict_from_params(tree: Mapping, config: LWMVQGANConfig | None = 
                     ("unused source keys", sorted(unknown)),
                     ("model keys not filled", missing),
                     ("mapped keys the model does not have", unexpected),
+                    ("source keys mapping onto the same model key", sorted(doubled)),
                 )
                 if keys
             )
         )
-    wrong = [f"{k}: {tuple(v.shape)} vs model {expected[k]}" for k, v in state.items() if tuple(v.shape) != expected[k]]
+    wrong = [
+        f"{key} {shapes[key]} -> {name} {_torch_shape(key, shapes[key])} vs model {expected[name]}"
+        for key, name in mapping.items()
+        if _torch_shape(key, shapes[key]) != expected[name]
+    ]
     if wrong:
         raise ValueError("LWM VQGAN param shapes do not match the model: " + "; ".join(sorted(wrong)))
+    return mapping
+
+
+def vqgan_state_dict_from_params(tree: Mapping, config: LWMVQGANConfig | None = None) -> dict[str, torch.Tensor]:
+    """Map LWM's Flax VQGAN param tree (nested or '/'-flat dict of arrays) onto [`LWMVQGANModel`]'s state dict,
+    strictly (see `vqgan_key_map`): Conv kernels HWIO -> OIHW, GroupNorm scale -> weight, biases as they are,
+    `quantize/embeddings` -> `quantize.embedding.weight`; all fp32."""
+    flat = flatten_params(tree)
+    for key, value in flat.items():
+        if np.asarray(value).dtype.kind not in "fiu":
+            raise ValueError(f"{key}: unsupported dtype {np.asarray(value).dtype}.")
+    mapping = vqgan_key_map(flat, config)
+    state = {}
+    for key, name in mapping.items():
+        array = np.asarray(flat[key])
+        if key.endswith("/kernel"):
+            array = array.transpose(3, 2, 0, 1)
+        state[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     return state
 
 
