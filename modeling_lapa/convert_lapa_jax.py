@@ -296,9 +296,11 @@ def convert_params(params_path: str | os.PathLike, output_dir: str | os.PathLike
     """Convert the authors' params stream into `output_dir` (sharded safetensors + config.json) for
     `LWMForCausalLM`. The tree is checked strictly against `config` (default: LAPA-7B) before any data is read."""
     config = config if config is not None else LWMConfig(**LAPA_7B_CONFIG)
-    index = {tensor.key: tensor for tensor in scan_stream(params_path)}
-    if len(index) != sum(1 for _ in scan_stream(params_path)):
-        raise ConversionError(f"{params_path} holds a key more than once")
+    index: dict[tuple[str, ...], StreamTensor] = {}
+    for tensor in scan_stream(params_path):
+        if tensor.key in index:
+            raise ConversionError(f"{params_path} holds {tensor.name} more than once")
+        index[tensor.key] = tensor
     plan = conversion_plan({k: t.shape for k, t in index.items()}, config, prefix=prefix)
     tensors = iter_converted_tensors(plan, index, config, dtype=dtype)
     write_sharded_safetensors(tensors, plan, dtype, output_dir, max_shard_size=max_shard_size)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
 from .loading import StrictLoadingMixin
@@ -278,6 +278,11 @@ def official_position_ids(attention_mask) -> torch.LongTensor:
     wraps to its last row) and the first real token 0."""
     mask = torch.as_tensor(attention_mask).long()
     return mask.cumsum(-1) - 1
+
+
+# `AutoConfig`/`AutoModelForCausalLM` know "lwm" once this module is imported (converted folders load with them).
+AutoConfig.register(LWMConfig.model_type, LWMConfig, exist_ok=True)
+AutoModelForCausalLM.register(LWMConfig, LWMForCausalLM, exist_ok=True)
 
 
 __all__ = [

@@ -365,3 +365,59 @@ def test_cli_converts_the_backbone_and_names_what_is_not_converted_yet(tmp_path)
         main(["--params", str(PARAMS), "--output", str(tmp_path / "x"), "--vqgan", "vqgan"])
     with pytest.raises(NotImplementedError, match="tokenizer"):
         main(["--params", str(PARAMS), "--output", str(tmp_path / "x"), "--tokenizer", "tokenizer.model"])
+
+
+def test_bf16_model_with_the_bf16_rope_table_behaves_like_the_authors_bf16_run(converted, golden):
+    """The authors serve in bf16, with the bf16-rounded RoPE table. Our bf16 model with that table gives their bf16
+    raw greedy ids and their bf16 latent logits up to bf16 arithmetic; the exact table does not."""
+    folder, _ = converted
+    real = golden["attention_mask"][0] > 0
+    errors = {}
+    for table in ("bfloat16", "float32"):
+        model = LWMForCausalLM.from_pretrained(folder, config=tiny_config(rope_table_dtype=table),
+                                               dtype=torch.bfloat16, attn_implementation="eager").eval()
+        ids = official_to_combined_ids(golden["input_ids"], golden["vision_masks"], golden["delta_masks"],
+                                       config=model.config)
+        attention_mask = torch.as_tensor(golden["attention_mask"]).long()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention_mask,
+                           position_ids=official_position_ids(attention_mask)).logits.float()
+            codes = greedy_latent_ids(model, golden)
+        latent = model.head_logits(logits)["latent"][0, real].numpy()
+        errors[table] = float(np.abs(latent - golden["delta_logits_bf16"][0, real]).max())
+        if table == "bfloat16":
+            assert codes == golden["raw_greedy_latent_bf16"][0].tolist() == [5, 3, 2, 4]
+    assert errors["bfloat16"] < 0.25 < 1.0 < errors["float32"], errors
+
+
+def test_unstacked_layers_convert_the_same(tmp_path, converted):
+    """A stream with one key per layer (`transformer/h/<i>/...`, the authors' scan_layers=False) converts to the
+    same weights as the stacked one."""
+    _, model = converted
+    entries = []
+    for tensor in scan_stream(PARAMS):
+        if tensor.key[:3] == ("transformer", "h", "scan_decoder"):
+            for layer in range(tensor.shape[0]):
+                entries.append((("transformer", "h", str(layer)) + tensor.key[3:], (tensor.read_raw(layer), "bfloat16")))
+        else:
+            entries.append((tensor.key, (tensor.read_raw(), "bfloat16")))
+    stream = tmp_path / "params"
+    write_stream(stream, entries)
+    out = tmp_path / "converted"
+    convert_params(stream, out, tiny_config(), dtype=torch.float32)
+    unstacked = LWMForCausalLM.from_pretrained(out)
+    reference = model.state_dict()
+    for name, value in unstacked.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_generate_and_auto_classes(converted):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, _ = converted
+    assert isinstance(AutoConfig.from_pretrained(folder), LWMConfig)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(model, LWMForCausalLM)
+    prompt = torch.tensor([[1, 1, 887, 526]])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
