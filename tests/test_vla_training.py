@@ -144,3 +144,51 @@ def test_bad_settings_give_clear_errors(dataset, tmp_path):
     unlabelled = write_dataset(tmp_path / "unlabelled", episodes=4, with_labels=False)
     with pytest.raises(KeyError, match="label_latents"):
         run("pretrain", common(unlabelled, tmp_path / "x", 2))
+
+
+def test_streaming_pretraining_resumes_exactly(dataset, tmp_path):
+    import shutil
+
+    settings = ["--save-every", "3", "--eval-every", "100", "--keep-checkpoints", "3", "--streaming"]
+    straight = tmp_path / "straight"
+    run("pretrain", common(dataset, straight, 6) + settings)
+    killed = tmp_path / "killed"
+    shutil.copytree(straight, killed)
+    shutil.rmtree(killed / "checkpoints" / "step-0000006")
+    run("pretrain", common(dataset, killed, 6) + settings + ["--resume"])
+    a = load_file(straight / "checkpoints" / "step-0000006" / "model.safetensors")
+    b = load_file(killed / "checkpoints" / "step-0000006" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_pretrained_backbone_folder_is_wrapped_with_new_tokens(dataset, tmp_path):
+    # The path a Hub backbone (e.g. the smolvlm preset) takes, from a local folder: config, tokenizer and weights
+    # are read with the Auto classes, the embeddings resized for the new tokens, the old rows kept.
+    from transformers import AutoModelForImageTextToText
+
+    from modeling_lapa import tiny_backbone_config
+    from processing_lapa import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_backbone_config("idefics3", image_size=16, patch_size=4, hidden_size=32, num_layers=1,
+                                  vocab_size=len(tokenizer))
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    backbone = AutoModelForImageTextToText.from_config(config)
+    folder = tmp_path / "backbone"
+    backbone.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "wrapped"
+    run("pretrain", ["--dataset", str(dataset), "--output-dir", str(out), "--backbone", str(folder), "--max-steps", "2",
+                     "--batch-size", "4", "--eval-max-frames", "8", "--report-to", "none", "--save-every", "2",
+                     "--eval-every", "100", "--holdout-episodes", "2"])
+    model = AutoModel.from_pretrained(out / "model")
+    assert model.config.backbone_family == "idefics3"
+    assert model.config.text_vocab_size == len(tokenizer) + 8 + 256
+    old_rows = backbone.get_input_embeddings().weight
+    # The vision tower is frozen: after training it still equals the backbone's.
+    for (name, before), after in zip(backbone.model.vision_model.state_dict().items(),
+                                     model.vision_encoder.state_dict().values()):
+        assert torch.equal(before, after), name
+    assert model.get_input_embeddings().weight.shape[0] == old_rows.shape[0] + 8 + 256

@@ -149,8 +149,9 @@ def resolve_config(stage: str, argv: list[str] | None = None, description: str |
         flag = "--" + f.name.replace("_", "-")
         if f.name == "dataset":
             parser.add_argument(flag, action="append", default=None, help="LeRobot dataset folder or Hub id (repeatable)")
-        elif f.name in ("resume", "lora"):
-            parser.add_argument(flag, action="store_true", default=None, help=f"enable {f.name}")
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default from the preset: {f.default})")
         elif f.name == "tiny":
             parser.add_argument("--tiny", action="append", default=None, metavar="KEY=VALUE",
                                 help="tiny backbone size, e.g. --tiny hidden_size=256 (repeatable)")
