@@ -14,11 +14,12 @@ turns such a grid back into pixels. This is our own re-implementation of the aut
                 except the last)] -> GroupNorm -> swish -> conv_out 3x3 -> clip to [-1, 1]
     pixels (B, 3, 256, 256)
 
-Details that matter for bit-for-bit codes (all taken from the Flax code):
+Details that matter for bit-for-bit codes (LWM's Flax module as described in the golden data's layout notes,
+checked against the authors' JAX outputs in tests/test_lwm_vqgan.py):
     * ResnetBlock: GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> (dropout) -> conv3x3, plus the input,
       through a 1x1 conv when the width changes.
-    * GroupNorm: 32 groups, eps 1e-6, variance computed as E[x^2] - E[x]^2 (flax 0.7), then
-      (x - mean) * (rsqrt(var + eps) * scale) + bias.
+    * GroupNorm: 32 groups, eps 1e-6, variance computed as E[x^2] - E[x]^2 as flax 0.7 does, then
+      (x - mean) * (rsqrt(var + eps) * scale) + bias (6x closer to the golden features than torch's group_norm).
     * Downsample: pad 0 rows/cols before and 1 after (bottom/right only), then 3x3 stride 2 without padding.
       PyTorch's symmetric `padding=1` would shift the grid by one pixel.
     * Upsample: nearest x2 (each pixel repeated 2 x 2), then 3x3 conv.
@@ -29,6 +30,14 @@ Details that matter for bit-for-bit codes (all taken from the Flax code):
 The module names mirror the Flax tree (`encoder.down.{level}.block.{i}`, `decoder.up.{k}` in the Flax creation
 order, i.e. `up.0` is the deepest level, as `UpsamplingBlock_0`); `convert_lwm_vqgan.py` maps a Flax param tree
 onto them. Tensors are NCHW as usual in PyTorch; the Flax code is NHWC.
+
+`lwm_preprocess` is the official image preprocessing (albumentations LongestMaxSize + Resize with cv2 INTER_LINEAR
+on uint8, reproduced bit for bit in NumPy, then x / 127.5 - 1), so that no OpenCV dependency is needed.
+
+diffusers' `VQModel` (DownEncoderBlock2D/UpDecoderBlock2D, `mid_block_add_attention=False`, block_out_channels
+(128, 256, 256, 512, 768), 64 latent channels, 8192 codes) has the same layer graph, but its quantizer measures
+distances with `torch.cdist` and its decoder does not clip, so its codes are not guaranteed identical near ties;
+this module keeps the official arithmetic and does not depend on diffusers.
 """
 
 from __future__ import annotations
