@@ -97,6 +97,11 @@ class LWMConfig(PretrainedConfig):
             raise ValueError(f"rope_table_dtype must be 'float32' or 'bfloat16', got {rope_table_dtype!r}")
         if tie_word_embeddings:
             raise ValueError("LWM has separate input tables and output heads; tie_word_embeddings must be False")
+        for name, code in (("end_of_frame_code", end_of_frame_code), ("end_of_vision_code", end_of_vision_code)):
+            if not 0 <= code < vision_vocab_size:
+                raise ValueError(f"{name}={code} is not a vision code (vision_vocab_size {vision_vocab_size})")
+        # Derived from rope_theta (a saved config carries both; rope_theta is the one we read).
+        kwargs.pop("rope_parameters", None)
         self.text_vocab_size = text_vocab_size
         self.vision_vocab_size = vision_vocab_size
         self.latent_vocab_size = latent_vocab_size

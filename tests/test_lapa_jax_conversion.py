@@ -310,7 +310,8 @@ def test_synthetic_stream_with_the_7b_keys_converts(tmp_path, which):
     else:
         spec, extra = SPEC["action"]["real_LAPA_finetune_expected_param_tree"], dict(action_vocab_size=256)
     config_7b = lapa_7b_config(**extra)
-    config = LWMConfig(text_vocab_size=96, vision_vocab_size=40, hidden_size=32, intermediate_size=48,
+    config = LWMConfig(text_vocab_size=96, vision_vocab_size=40, end_of_frame_code=32, end_of_vision_code=33,
+                       hidden_size=32, intermediate_size=48,
                        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64, **extra)
     generator = torch.Generator().manual_seed(0)
     values = {tuple(e["key"]): torch.randn(shrink(e["shape"], config_7b, config), generator=generator).bfloat16()
@@ -352,10 +353,7 @@ def test_converted_folder_loads_strictly(tmp_path):
 
 def test_cli_converts_the_backbone_and_names_what_is_not_converted_yet(tmp_path):
     config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps({k: v for k, v in tiny_config().to_dict().items()
-                                       if k in LWMConfig().to_dict() and not k.startswith("_")
-                                       and k not in ("vocab_size", "rope_parameters", "transformers_version",
-                                                     "architectures", "dtype", "model_type")}))
+    tiny_config().to_json_file(config_file)  # a saved LWMConfig is a valid --config
     out = tmp_path / "cli"
     assert main(["--params", str(PARAMS), "--output", str(out), "--config", str(config_file),
                  "--rope-table-dtype", "bfloat16"]) == 0
