@@ -1,0 +1,146 @@
+"""Peak memory and speed of the JAX -> PyTorch LAPA converter on a multi-GB synthetic params stream.
+
+    python benchmarks/convert_lapa_jax_memory.py                       # ~3.6 GB stream, shards of 2 GB and 0.5 GB
+    python benchmarks/convert_lapa_jax_memory.py --layers 8 --shard-sizes 1GB
+
+The stream has the released LAPA-7B's keys and layout (bf16, layers stacked on axis 0, the authors' byte format)
+at a smaller width (hidden 2048, intermediate 5632, 32 layers by default), written by `jax_stream.write_stream`.
+Each conversion runs in a fresh process; its peak resident memory above the imports is sampled (`PeakRSS`) and
+compared with the stream size, the largest single tensor of the stream and the shard size: a converter that held
+the file, or two copies of a stacked kernel, would show it. A few converted tensors are checked bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import PeakRSS, write_report  # noqa: E402
+
+
+def synthetic_config(layers: int, hidden: int, intermediate: int, heads: int) -> dict:
+    from modeling_lapa.convert_lapa_jax import LAPA_7B_CONFIG
+
+    return {**LAPA_7B_CONFIG, "num_hidden_layers": layers, "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_attention_heads": heads}
+
+
+def write_synthetic_stream(path: Path, config_values: dict, seed: int = 0) -> dict:
+    """Random finite bf16 values (bits below 1.0) for every key of the expected tree, one tensor at a time."""
+    from modeling_lapa.convert_lapa_jax import expected_param_tree
+    from modeling_lapa.jax_stream import write_stream
+    from modeling_lapa.modeling_lwm import LWMConfig
+
+    tree = expected_param_tree(LWMConfig(**config_values))
+    rng = np.random.default_rng(seed)
+
+    def entries():
+        for key in sorted(tree):  # the authors' files are in alphabetical key order
+            yield key, (rng.integers(0, 0x3F80, size=tree[key], dtype=np.uint16), "bfloat16")
+
+    write_stream(path, entries())
+    largest = max(int(np.prod(s)) * 2 for s in tree.values())
+    return {"stream_bytes": path.stat().st_size, "largest_tensor_bytes": largest, "num_keys": len(tree)}
+
+
+def convert_in_this_process(params: str, output: str, config_json: str, max_shard_size: str) -> dict:
+    import torch
+
+    from modeling_lapa.convert_lapa_jax import convert_params
+    from modeling_lapa.modeling_lwm import LWMConfig
+
+    torch.set_num_threads(1)
+    config = LWMConfig(**json.loads(config_json))
+    start = time.perf_counter()
+    with PeakRSS(interval=0.005) as peak:
+        convert_params(params, output, config, max_shard_size=max_shard_size)
+    seconds = time.perf_counter() - start
+    return {"peak_rss_above_imports_mib": round(peak.mib, 1), "seconds": round(seconds, 1)}
+
+
+def check_some_tensors(params: Path, output: Path, config_values: dict) -> None:
+    """A stacked kernel's last layer, the vision embedding block and the latent head, bit for bit."""
+    import torch
+    from safetensors import safe_open
+
+    from modeling_lapa.convert_lapa_jax import interleaved_to_half_split
+    from modeling_lapa.jax_stream import scan_stream
+    from modeling_lapa.modeling_lwm import LWMConfig
+
+    config = LWMConfig(**config_values)
+    index = {t.key: t for t in scan_stream(params)}
+    index_file = output / "model.safetensors.index.json"
+    weight_map = json.loads(index_file.read_text())["weight_map"] if index_file.exists() else {}
+
+    def ours(name):
+        with safe_open(str(output / weight_map.get(name, "model.safetensors")), "pt") as f:
+            return f.get_tensor(name)
+
+    last = config.num_hidden_layers - 1
+    wq = index[("transformer", "h", "scan_decoder", "attention", "wq", "kernel")].torch(last)
+    assert torch.equal(ours(f"model.layers.{last}.self_attn.q_proj.weight"),
+                       interleaved_to_half_split(wq.t(), config.head_dim))
+    w1 = index[("transformer", "h", "scan_decoder", "feed_forward", "w1", "kernel")].torch(last)
+    assert torch.equal(ours(f"model.layers.{last}.mlp.gate_proj.weight"), w1.t())
+    blocks = config.block_slices()
+    assert torch.equal(ours("model.embed_tokens.weight")[blocks["vision"]],
+                       index[("transformer", "vte", "embedding")].torch())
+    assert torch.equal(ours("lm_head.weight")[blocks["latent"]], index[("delta_head", "kernel")].torch().t())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--shard-sizes", nargs="+", default=["2GB", "500MB"])
+    parser.add_argument("--workdir", default=None, help="where to write the stream and outputs (default: a temp dir)")
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "convert_lapa_jax_memory.json"))
+    parser.add_argument("--convert-only", nargs=4, metavar=("PARAMS", "OUT", "CONFIG_JSON", "SHARD"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.convert_only:
+        print(json.dumps(convert_in_this_process(*args.convert_only)))
+        return 0
+
+    config_values = synthetic_config(args.layers, args.hidden, args.intermediate, args.heads)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        params = tmp / "params"
+        start = time.perf_counter()
+        stream = write_synthetic_stream(params, config_values)
+        stream["write_seconds"] = round(time.perf_counter() - start, 1)
+        runs = []
+        for shard in args.shard_sizes:
+            out = tmp / f"converted_{shard}"
+            result = subprocess.run(
+                [sys.executable, __file__, "--convert-only", str(params), str(out), json.dumps(config_values), shard],
+                check=True, capture_output=True, text=True,
+            )
+            run = {"max_shard_size": shard, **json.loads(result.stdout.strip().splitlines()[-1])}
+            check_some_tensors(params, out, config_values)
+            run["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            runs.append(run)
+            for p in out.iterdir():
+                p.unlink()
+    print(f"stream: {stream['stream_bytes'] / 2**30:.2f} GiB, {stream['num_keys']} keys, largest tensor "
+          f"{stream['largest_tensor_bytes'] / 2**20:.0f} MiB (written in {stream['write_seconds']} s)")
+    print(f"{'max shard':>10} {'peak RSS MiB':>13} {'seconds':>8}")
+    for run in runs:
+        print(f"{run['max_shard_size']:>10} {run['peak_rss_above_imports_mib']:>13} {run['seconds']:>8}")
+    write_report({"benchmark": "convert_lapa_jax_memory", "config": config_values, "stream": stream, "runs": runs},
+                 args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
