@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--shard-sizes", nargs="+", default=["2GB", "500MB"])
     parser.add_argument("--workdir", default=None, help="where to write the stream and outputs (default: a temp dir)")
-    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "convert_lapa_jax_memory.json"))
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"
+                                                / "convert_lapa_jax_memory.json"))
     parser.add_argument("--convert-only", nargs=4, metavar=("PARAMS", "OUT", "CONFIG_JSON", "SHARD"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -216,7 +216,8 @@ def _transformed(value: torch.Tensor, transform: str, head_dim: int) -> torch.Te
 
 
 def iter_converted_tensors(plan: Iterable[Target], tensors: Mapping[tuple[str, ...], StreamTensor],
-                           config: LWMConfig, dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
+                           config: LWMConfig,
+                           dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every target of `plan`, in order, reading the sources one at a time.
 
     `tensors` maps key paths to objects with `.torch(index=None)` (`StreamTensor`s from `scan_stream`)."""

@@ -137,9 +137,10 @@ def test_golden_logits_of_every_head_at_every_unpadded_position(converted, golde
     for ours, theirs in (("text", "text_logits"), ("vision", "vision_logits"), ("latent", "delta_logits")):
         assert heads[ours].shape == golden[theirs].shape
         errors[ours] = float(np.abs(heads[ours][0, real].numpy() - golden[theirs][0, real]).max())
-    errors["input_embeds"] = float(np.abs(out.hidden_states[0][0, real].numpy() - golden["input_embeds"][0, real]).max())
-    errors["layer_0"] = float(np.abs(out.hidden_states[1][0, real].numpy() - golden["layer_outputs"][0, 0, real]).max())
-    errors["final_hidden"] = float(np.abs(out.hidden_states[-1][0, real].numpy() - golden["final_hidden"][0, real]).max())
+    states = [h[0, real].numpy() for h in out.hidden_states]  # embeddings, after layer 0, after the final norm
+    errors["input_embeds"] = float(np.abs(states[0] - golden["input_embeds"][0, real]).max())
+    errors["layer_0"] = float(np.abs(states[1] - golden["layer_outputs"][0, 0, real]).max())
+    errors["final_hidden"] = float(np.abs(states[-1] - golden["final_hidden"][0, real]).max())
     assert errors["input_embeds"] == 0.0, errors  # row lookups of the same bf16 values
     assert max(errors.values()) < 1e-4, errors
     assert torch.isfinite(out.logits).all()  # the pad rows (every key masked) stay finite
@@ -326,7 +327,8 @@ def test_synthetic_stream_with_the_7b_keys_converts(tmp_path, which):
     state = model.state_dict()
     blocks = config.block_slices()
     # the embedding and the output matrix are the authors' tables and heads, block by block, bit for bit
-    assert torch.equal(state["model.embed_tokens.weight"][blocks["vision"]], values[("transformer", "vte", "embedding")])
+    assert torch.equal(state["model.embed_tokens.weight"][blocks["vision"]],
+                       values[("transformer", "vte", "embedding")])
     assert torch.equal(state["lm_head.weight"][blocks["latent"]], values[("delta_head", "kernel")].t())
     if which == "finetuned":
         assert torch.equal(state["model.embed_tokens.weight"][blocks["action"]],
@@ -396,7 +398,8 @@ def test_unstacked_layers_convert_the_same(tmp_path, converted):
     for tensor in scan_stream(PARAMS):
         if tensor.key[:3] == ("transformer", "h", "scan_decoder"):
             for layer in range(tensor.shape[0]):
-                entries.append((("transformer", "h", str(layer)) + tensor.key[3:], (tensor.read_raw(layer), "bfloat16")))
+                key = ("transformer", "h", str(layer)) + tensor.key[3:]
+                entries.append((key, (tensor.read_raw(layer), "bfloat16")))
         else:
             entries.append((tensor.key, (tensor.read_raw(), "bfloat16")))
     stream = tmp_path / "params"
