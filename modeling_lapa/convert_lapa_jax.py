@@ -25,6 +25,11 @@ from the file (one layer slice of a stacked kernel at a time) and written to its
 shard headers are planned from the shapes first): memory holds about one output tensor (the largest is the
 combined embedding, 331 MB at 7B), never the 13.6 GB file. bf16 values are copied bit for bit (default output
 dtype bfloat16).
+
+Status (issue 6): the output folder is, for now, an `LWMForCausalLM` folder (config.json + safetensors; loads with
+`LWMForCausalLM.from_pretrained`, or `AutoModelForCausalLM` once `modeling_lapa.modeling_lwm` is imported).
+`convert_vqgan` and `convert_tokenizer` are TODO hooks that raise `NotImplementedError`; wrapping the backbone, the
+VQGAN and the processor as a `LAPAForActionPrediction` folder (`prefix="backbone."`) comes with them.
 """
 
 from __future__ import annotations

@@ -120,6 +120,19 @@ def test_stream_reader_refuses_a_truncated_file(tmp_path):
         list(scan_stream(cut))
 
 
+def test_stream_reader_refuses_what_is_not_an_array_entry(tmp_path):
+    from modeling_lapa.jax_stream import StreamFormatError
+
+    scalar = tmp_path / "scalar"  # flax encodes numpy scalars as extension 3: not a params tensor
+    scalar.write_bytes(msgpack.packb([["step"], msgpack.packb(msgpack.ExtType(3, msgpack.packb(["int32", b"1234"])))]))
+    with pytest.raises(StreamFormatError, match="extension code 3"):
+        list(scan_stream(scalar))
+    plain = tmp_path / "plain"
+    plain.write_bytes(msgpack.packb([["step"], msgpack.packb(7)]))
+    with pytest.raises(StreamFormatError, match="plain value"):
+        list(scan_stream(plain))
+
+
 # -- exactness against the authors' forward pass --------------------------------------------------------------------
 def test_golden_logits_of_every_head_at_every_unpadded_position(converted, golden):
     _, model = converted
