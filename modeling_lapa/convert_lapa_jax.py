@@ -344,11 +344,13 @@ def convert_params(params_path: str | os.PathLike, output_dir: str | os.PathLike
 
 # -- the parts that another module provides (TODO hooks) -----------------------------------------------------------
 def convert_vqgan(vqgan_path: str | os.PathLike, output_dir: str | os.PathLike):
-    """TODO(issue 6): read the authors' VQGAN pickle with a restricted unpickler (plain containers and numpy arrays
-    only) and convert it into the VQGAN module of `modeling_lapa/vqgan_lwm.py`, saved with the model."""
+    """TODO(issue 6): put the authors' VQGAN inside the converted VLA folder. The VQGAN itself is converted by
+    `modeling_lapa.convert_lwm_vqgan` (restricted unpickler, `LWMVQGANModel` of `vqgan_lwm.py`); what is missing is
+    the `lwm` backbone family of `LAPAForActionPrediction` that holds backbone + VQGAN in one folder."""
     raise NotImplementedError(
-        f"VQGAN conversion of {vqgan_path} is not implemented yet: it needs the LWM VQGAN module "
-        "(modeling_lapa/vqgan_lwm.py) and its restricted-pickle converter. Omit --vqgan to convert the backbone only."
+        f"converting {vqgan_path} into the VLA folder is not implemented yet: the LWM VQGAN (modeling_lapa/"
+        "vqgan_lwm.py) is not yet part of an `lwm` backbone family of LAPAForActionPrediction. Convert it on its own "
+        "with `python -m modeling_lapa.convert_lwm_vqgan --vqgan PATH --output DIR` and omit --vqgan here."
     )
 
 
