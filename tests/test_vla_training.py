@@ -68,6 +68,7 @@ def test_pretraining_learns_latent_codes_above_the_majority_and_saves_model_and_
     assert record["stage"] == "pretrain" and record["target"] == "latent" and len(record["split"]["heldout_episodes"]) == 2
     metrics = json.loads((out / "eval_metrics.json").read_text())
     assert metrics["final"]["token_accuracy"] == final["token_accuracy"]
+    assert (out / "training_curves.png").stat().st_size > 10_000
 
 
 def test_resume_is_exact(dataset, tmp_path):

@@ -608,9 +608,39 @@ def train(c: VLATrainingConfig) -> dict:
         processor.save_pretrained(str(save_dir))
         (save_dir / "training_config.json").write_text(json.dumps(record, indent=2))
         (output_dir / "eval_metrics.json").write_text(json.dumps({"final": final, "history": evals}, indent=2))
+        plot_training_curves(history, evals, output_dir / "training_curves.png", title=f"{getattr(c, 'stage', '')} "
+                             f"({c.target} targets) on {name}")
         logger.info("saved to %s", save_dir)
     accelerator.end_training()
     return {"step": step, "eval": final, "evals": evals, "history": history, "output": str(output_dir)}
+
+
+def plot_training_curves(history: list[dict], evals: list[dict], path: Path, title: str = "") -> None:
+    """Training loss and token accuracy, held-out token accuracy and the majority baseline, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if history:
+        steps = [h["step"] for h in history]
+        left.plot(steps, [h["loss"] for h in history], label="train")
+        right.plot(steps, [h["token_accuracy"] for h in history], label="train", alpha=0.6)
+    if evals:
+        steps = [e["step"] for e in evals]
+        left.plot(steps, [e["loss"] for e in evals], "o-", label="held-out")
+        right.plot(steps, [e["token_accuracy"] for e in evals], "o-", label="held-out")
+        right.axhline(evals[-1]["majority_baseline_accuracy"], color="gray", linestyle="--", label="majority baseline")
+    left.set(xlabel="step", ylabel="loss (block softmax)")
+    right.set(xlabel="step", ylabel="token accuracy", ylim=(0, 1))
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _labelled_codebook_size(source) -> int | None:
