@@ -60,6 +60,8 @@ class LAPAProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): passed to [`ProcessorMixin`]; unused by LAPA's own prompt.
     """
 
+    _min_action_bins = 2  # subclasses whose model may have no action block allow 0
+
     def __init__(
         self,
         image_processor,
@@ -76,7 +78,7 @@ class LAPAProcessor(ProcessorMixin):
         for name, value, minimum in (
             ("num_latent_codes", num_latent_codes, 1),
             ("latent_sequence_length", latent_sequence_length, 1),
-            ("num_action_bins", num_action_bins, 2),
+            ("num_action_bins", num_action_bins, self._min_action_bins),
             ("num_image_tokens", num_image_tokens, 0),
         ):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
@@ -96,7 +98,8 @@ class LAPAProcessor(ProcessorMixin):
         self.image_token = image_token
         self.prompt_template = prompt_template
         self.add_bos = bool(add_bos)
-        self.action_tokenizer = ActionTokenizer(num_bins=self.num_action_bins)
+        # None when the model has no action block (a latent-pretrained LWM checkpoint: `LWMProcessor`).
+        self.action_tokenizer = ActionTokenizer(num_bins=self.num_action_bins) if self.num_action_bins else None
 
         if self.add_bos and tokenizer.bos_token_id is None:
             raise ValueError("add_bos=True but the tokenizer has no BOS token; pass add_bos=False or set bos_token")
@@ -243,6 +246,7 @@ class LAPAProcessor(ProcessorMixin):
         dataset: str | None = None,
         center_crop: bool = False,
         return_tensors: str | None = "pt",
+        task: str | None = None,
     ) -> BatchFeature:
         r"""Build a batch.
 
@@ -254,6 +258,8 @@ class LAPAProcessor(ProcessorMixin):
             dataset (`str`, *optional*): whose action statistics bin `actions`; may be omitted with one dataset.
             center_crop (`bool`, defaults to False): apply the image processor's evaluation center crop.
             return_tensors (`str`, defaults to `"pt"`): `"pt"` or `"np"`.
+            task (`str`, *optional*): `"latent"` or `"action"`, what the prompt asks for (inferred from the targets;
+                `"latent"` without them). The default prompt is the same for both; `LWMProcessor`'s is not.
 
         Returns:
             [`BatchFeature`] with `input_ids` `(B, L)` int64 (left padded with the pad id), `attention_mask` `(B, L)`
@@ -281,23 +287,17 @@ class LAPAProcessor(ProcessorMixin):
             targets = self._latent_codes_to_ids(latent_codes, batch_size)
         elif actions is not None:
             targets = self._actions_to_ids(actions, batch_size, dataset)
-
-        prompts = [self.prompt_template.format(instruction=instruction) for instruction in instructions]
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        reserved_low, reserved_high = self._reserved_id_range()
-        bos = [self.tokenizer.bos_token_id] if self.add_bos else []
-        prefix = bos + [self._image_token_id] * self.num_image_tokens
+        inferred = "action" if actions is not None else "latent"
+        if task is None:
+            task = inferred
+        elif task not in ("latent", "action") or (targets is not None and task != inferred):
+            raise ValueError(f"task must be 'latent' or 'action' and agree with the targets, got {task!r}")
 
         sequences, label_rows = [], []
-        for i, ids in enumerate(prompt_ids):
-            if any(t == self._image_token_id or reserved_low <= t < reserved_high for t in ids):
-                raise ValueError(
-                    f"instruction {i} ({instructions[i]!r}) contains the image token or a latent/action token as text"
-                )
-            sequence = prefix + list(ids)
+        for i, sequence in enumerate(self._prompt_sequences(instructions, task)):
             labels = [IGNORE_INDEX] * len(sequence)
             if targets is not None:
-                sequence += targets[i].tolist()
+                sequence = sequence + targets[i].tolist()
                 labels += targets[i].tolist()
             sequences.append(sequence)
             label_rows.append(labels)
@@ -316,6 +316,23 @@ class LAPAProcessor(ProcessorMixin):
         if targets is not None:
             data["labels"] = labels
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _prompt_sequences(self, instructions: list[str], task: str) -> list[list[int]]:
+        """The prompt ids of every example (what precedes its targets): [bos] + <image> x n + the instruction."""
+        prompts = [self.prompt_template.format(instruction=instruction) for instruction in instructions]
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        bos = [self.tokenizer.bos_token_id] if self.add_bos else []
+        prefix = bos + [self._image_token_id] * self.num_image_tokens
+        for i, ids in enumerate(prompt_ids):
+            self._check_text_ids(ids, instructions[i])
+        return [prefix + list(ids) for ids in prompt_ids]
+
+    def _check_text_ids(self, ids, instruction: str) -> None:
+        reserved_low, reserved_high = self._reserved_id_range()
+        if any(t == self._image_token_id or reserved_low <= t < reserved_high for t in ids):
+            raise ValueError(
+                f"instruction {instruction!r} contains the image token or a latent/action token as text"
+            )
 
     def _check_instructions(self, text) -> list[str]:
         if text is None:
@@ -421,7 +438,8 @@ class LAPAProcessor(ProcessorMixin):
         if push_to_hub:
             hub_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key != "max_shard_size"}
         files = super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
-        files.append(self.action_tokenizer.save(os.path.join(save_directory, ACTION_TOKENIZER_NAME)))
+        if self.action_tokenizer is not None:
+            files.append(self.action_tokenizer.save(os.path.join(save_directory, ACTION_TOKENIZER_NAME)))
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(repo_id, **hub_kwargs)

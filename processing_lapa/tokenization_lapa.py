@@ -56,3 +56,33 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
     )
+
+
+def llama_tokenizer_from_sentencepiece(model_file, pad_token: str = "<unk>"):
+    r"""LLaMA's tokenizer (transformers' `LlamaTokenizer`, a `tokenizers` BPE with byte fallback) from a SentencePiece
+    `tokenizer.model`, read with the `sentencepiece` package (transformers' own reader needs `protobuf` as well).
+
+    The vocabulary and merges are the model's pieces in id order (merges derived from the vocabulary, as
+    transformers does for SentencePiece BPE models); encoding a text with `add_special_tokens=False` gives
+    `sentencepiece.encode(text)` for models trained like LLaMA's (identity normaliser, no whitespace folding, a
+    leading "▁"). `pad_token` defaults to `<unk>` (id 0), the id LAPA's authors pad with (LLaMA has no pad token).
+    """
+    try:
+        import sentencepiece
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("reading a SentencePiece tokenizer.model needs `pip install sentencepiece`") from err
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    if len(vocab) != processor.get_piece_size():
+        raise ValueError(f"{model_file}: duplicate pieces in the SentencePiece model")
+    special = {name: processor.id_to_piece(i) for name, i in
+               (("unk_token", processor.unk_id()), ("bos_token", processor.bos_id()), ("eos_token", processor.eos_id()))
+               if i >= 0}
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_bos_token=False, add_eos_token=False,
+                               **special)
+    tokenizer.pad_token = pad_token
+    tokenizer.padding_side = "left"
+    return tokenizer
