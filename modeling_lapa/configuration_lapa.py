@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
-# Backbone families we build and test. Each entry says where the family keeps its text config, its vision tower and
-# whether its forward wants one image axis per sample ((B, N_images, 3, H, W)) rather than (B, 3, H, W).
+from .modeling_lwm import LWMConfig
+from .vqgan_lwm import LWMVQGANConfig
+
+# Backbone families we build and test. Each entry says where the family keeps its vision tower and whether its
+# forward wants one image axis per sample ((B, N_images, 3, H, W)) rather than (B, 3, H, W).
+# "lwm" is the authors' own backbone (LWMForCausalLM, a text model over text + VQGAN-code + latent + action ids): its
+# image encoder is LWM's VQGAN, held by LAPAForActionPrediction itself (`model.vqgan`), whose codes become tokens.
 BACKBONE_FAMILIES: dict[str, dict] = {
     "llava": dict(vision_module="vision_tower", images_axis=False),
     "paligemma": dict(vision_module="vision_tower", images_axis=False),
     "idefics3": dict(vision_module="vision_model", images_axis=True),
     "smolvlm": dict(vision_module="vision_model", images_axis=True),
+    "lwm": dict(vision_module=None, images_axis=False),
 }
 
 
-def count_image_tokens(backbone_config: PretrainedConfig) -> int:
-    """Number of placeholder tokens one square image takes in the prompt of this backbone (one image, no tiling)."""
+def count_image_tokens(backbone_config: PretrainedConfig, vqgan_config: LWMVQGANConfig | None = None) -> int:
+    """Number of placeholder tokens one square image takes in the prompt of this backbone (one image, no tiling).
+
+    For "lwm" these are the VQGAN's codes (16 x 16 = 256 for LWM's VQGAN; the end-of-vision and `</vision>` tokens
+    around them are ordinary prompt tokens, not placeholders)."""
     family = backbone_config.model_type
+    if family == "lwm":
+        vqgan_config = vqgan_config if vqgan_config is not None else LWMVQGANConfig()
+        return (vqgan_config.resolution // vqgan_config.downsample_factor) ** 2
     vision = backbone_config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     if family == "llava":
@@ -72,10 +84,12 @@ class LAPAConfig(PretrainedConfig):
         image_token_id (`int`): the backbone's image placeholder id.
         num_image_tokens (`int`): placeholders one image takes in the prompt.
         freeze_vision_encoder (`bool`, defaults to True): keep the vision tower frozen (the paper freezes it).
+        vqgan_config (`LWMVQGANConfig` or `dict`, *optional*): the image tokenizer of the "lwm" backbone family
+            (default: LWM's released VQGAN); unused by the other families.
     """
 
     model_type = "lapa"
-    sub_configs = {"backbone_config": AutoConfig}
+    sub_configs = {"backbone_config": AutoConfig, "vqgan_config": LWMVQGANConfig}
 
     def __init__(
         self,
@@ -89,15 +103,24 @@ class LAPAConfig(PretrainedConfig):
         image_token_id: int | None = None,
         num_image_tokens: int | None = None,
         freeze_vision_encoder: bool = True,
+        vqgan_config: LWMVQGANConfig | dict | None = None,
         **kwargs,
     ):
         if isinstance(backbone_config, dict):
             backbone_config = dict(backbone_config)
             model_type = backbone_config.pop("model_type", None)
             if model_type is None:
-                raise ValueError("backbone_config needs a `model_type` (e.g. 'llava', 'idefics3')")
-            backbone_config = AutoConfig.for_model(model_type, **backbone_config)
+                raise ValueError("backbone_config needs a `model_type` (e.g. 'llava', 'idefics3', 'lwm')")
+            if model_type == LWMConfig.model_type:  # known here even where AutoConfig has not registered it
+                backbone_config = LWMConfig(**backbone_config)
+            else:
+                backbone_config = AutoConfig.for_model(model_type, **backbone_config)
+        if isinstance(vqgan_config, dict):
+            vqgan_config = LWMVQGANConfig(**{k: v for k, v in vqgan_config.items() if k != "model_type"})
+        if vqgan_config is None and backbone_config is not None and backbone_config.model_type == "lwm":
+            vqgan_config = LWMVQGANConfig()
         self.backbone_config = backbone_config
+        self.vqgan_config = vqgan_config
         self.num_latent_codes = num_latent_codes
         self.latent_sequence_length = latent_sequence_length
         self.num_action_bins = num_action_bins
@@ -144,23 +167,65 @@ class LAPAConfig(PretrainedConfig):
             )
         if not (latent_end <= self.action_token_offset or action_end <= self.latent_token_offset):
             raise ValueError("latent-action and action-bin token ids overlap")
+        if family == "lwm":
+            self._validate_lwm()
         backbone_image_id = getattr(self.backbone_config, "image_token_id", None)
         if backbone_image_id is not None and backbone_image_id != self.image_token_id:
             raise ValueError(
                 f"image_token_id {self.image_token_id} differs from the backbone's image_token_id {backbone_image_id}"
             )
-        expected = count_image_tokens(self.backbone_config)
+        expected = count_image_tokens(self.backbone_config, self.vqgan_config)
         if expected != self.num_image_tokens:
             raise ValueError(
                 f"num_image_tokens={self.num_image_tokens} but the {family} backbone turns one image into {expected} "
                 "tokens; build the processor with that count"
             )
 
+    def _validate_lwm(self) -> None:
+        """The LWM backbone's vocabulary blocks fix the latent/action offsets; the image placeholder must be a vision
+        id the VQGAN never emits (the model replaces it with the codes)."""
+        lwm = self.backbone_config
+        for name, ours, theirs in (
+            ("latent_token_offset", self.latent_token_offset, lwm.latent_token_offset),
+            ("num_latent_codes", self.num_latent_codes, lwm.latent_vocab_size),
+            ("action_token_offset", self.action_token_offset, lwm.action_token_offset),
+            ("num_action_bins", self.num_action_bins, lwm.action_vocab_size),
+        ):
+            if ours != theirs:
+                raise ValueError(f"{name}={ours} but the LWM backbone's vocabulary says {theirs}")
+        vision = lwm.block_slices()["vision"]
+        codes = self.vqgan_config.num_embeddings
+        if not (vision.start + codes <= self.image_token_id < vision.stop) or self.image_token_id in (
+                lwm.end_of_frame_token_id, lwm.end_of_vision_token_id):
+            raise ValueError(
+                f"image_token_id {self.image_token_id} must be an unused vision id (in [{vision.start + codes}, "
+                f"{vision.stop}) and not end-of-frame/end-of-vision)"
+            )
+        if codes > lwm.end_of_frame_code:
+            raise ValueError(f"the VQGAN's {codes} codes overlap the vision markers (end-of-frame {lwm.end_of_frame_code})")
+
     @classmethod
     def from_processor(cls, backbone_config: PretrainedConfig, processor, **kwargs) -> "LAPAConfig":
         """Config for `backbone_config` with the token layout of a `LAPAProcessor` (vocab size, offsets, image token).
 
-        The backbone's text vocabulary and image-token id are set to the processor's."""
+        The backbone's text vocabulary and image-token id are set to the processor's. An "lwm" backbone's combined
+        vocabulary is fixed by its blocks instead: it must equal the processor's (an `LWMProcessor`)."""
+        if backbone_config.model_type == "lwm":
+            if processor.vocab_size != backbone_config.vocab_size:
+                raise ValueError(f"the processor's vocabulary ({processor.vocab_size}) differs from the LWM backbone's "
+                                 f"({backbone_config.vocab_size})")
+            return cls(
+                backbone_config=backbone_config,
+                num_latent_codes=processor.num_latent_codes,
+                latent_sequence_length=processor.latent_sequence_length,
+                num_action_bins=processor.num_action_bins,
+                latent_token_offset=processor.latent_token_offset,
+                action_token_offset=processor.action_token_offset,
+                image_token_id=processor.image_token_id,
+                num_image_tokens=processor.num_image_tokens,
+                pad_token_id=processor.tokenizer.pad_token_id,
+                **kwargs,
+            )
         backbone_config = backbone_config.__class__.from_dict(backbone_config.to_dict())  # a copy
         text = getattr(backbone_config, "text_config", None) or backbone_config
         text.vocab_size = processor.vocab_size

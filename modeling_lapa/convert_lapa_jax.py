@@ -1,7 +1,15 @@
 """Convert the authors' released JAX VLA (LAPA-7B: `params`, `vqgan`, `tokenizer.model`) into our PyTorch model.
 
-    python -m modeling_lapa.convert_lapa_jax --params params --output ./LAPA-7B \
-        [--vqgan vqgan] [--tokenizer tokenizer.model] [--config lapa-7b | config.json] [--dtype bfloat16]
+    python -m modeling_lapa.convert_lapa_jax --params params --vqgan vqgan --tokenizer tokenizer.model \
+        --output ./LAPA-7B [--config lapa-7b | config.json] [--dtype bfloat16] [--latent-sequence-length 4]
+
+With `--vqgan` the output is a complete `LAPAForActionPrediction` folder (backbone family "lwm"): config.json
+(LAPAConfig with the LWM backbone config and the VQGAN sub-config, `auto_map`), sharded safetensors holding
+`backbone.*` (the params below, `--dtype`) and `vqgan.*` (the VQGAN pickle, read with `convert_lwm_vqgan`'s
+restricted unpickler, float32), the model's remote code, and with `--tokenizer` the processor (`LWMProcessor`: the
+LLaMA-2 tokenizer from `tokenizer.model`, the authors' prompt layout, `LWMImageProcessor`) and its remote code.
+`AutoModel.from_pretrained(folder)` then returns the model with `model.processor` set. Without `--vqgan` the output
+is a bare `LWMForCausalLM` folder.
 
 The params stream (see `jax_stream`) is mapped strictly onto `LWMForCausalLM`: every key of the authors' tree must
 map onto our parameters and every parameter must be filled, with the expected shape; anything else fails before a
@@ -26,10 +34,8 @@ shard headers are planned from the shapes first): memory holds about one output 
 combined embedding, 331 MB at 7B), never the 13.6 GB file. bf16 values are copied bit for bit (default output
 dtype bfloat16).
 
-Status (issue 6): the output folder is, for now, an `LWMForCausalLM` folder (config.json + safetensors; loads with
-`LWMForCausalLM.from_pretrained`, or `AutoModelForCausalLM` once `modeling_lapa.modeling_lwm` is imported).
-`convert_vqgan` and `convert_tokenizer` are TODO hooks that raise `NotImplementedError`; wrapping the backbone, the
-VQGAN and the processor as a `LAPAForActionPrediction` folder (`prefix="backbone."`) comes with them.
+The VQGAN pickle (585 MB at 7B) is read whole (a pickle cannot be streamed); its tensors are planned first and
+written first, each array dropped once written, before the params stream is converted.
 """
 
 from __future__ import annotations
@@ -44,8 +50,13 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+
+from .configuration_lapa import LAPAConfig, count_image_tokens
+from .convert_lwm_vqgan import flatten_params, load_vqgan_pickle, vqgan_key_map
 from .jax_stream import StreamTensor, scan_stream
 from .modeling_lwm import LWMConfig, LWMForCausalLM
+from .vqgan_lwm import LWMVQGANConfig
 
 # The released LAPA-7B (LWM = LLaMA-2-7B; the authors' 7b config, delta_vocab_size 8). Heads are not in the
 # stream's shapes, so the config has to say them.
@@ -109,6 +120,7 @@ class Target:
     name: str
     shape: tuple[int, ...]
     sources: tuple[Source, ...]
+    dtype: torch.dtype | None = None  # None: the writer's dtype
 
 
 def _layer_source_shape(param: tuple[str, ...], config: LWMConfig) -> tuple[int, ...]:
@@ -261,11 +273,10 @@ def _write_safetensors_file(path: Path, targets: list[Target], dtype: torch.dtyp
     """Write one safetensors file whose tensors arrive one by one: the header (names, dtypes, shapes, offsets) is
     known from `targets`, so it goes first and each tensor's bytes follow as soon as it is built. Memory holds one
     tensor, not the shard. Returns the data size."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for target in targets:
-        size = itemsize * int(torch.Size(target.shape).numel())
-        header[target.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(target.shape),
+        size = _nbytes(target, dtype)
+        header[target.name] = {"dtype": _SAFETENSORS_DTYPES[target.dtype or dtype], "shape": list(target.shape),
                                "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -277,11 +288,17 @@ def _write_safetensors_file(path: Path, targets: list[Target], dtype: torch.dtyp
             name, value = next(tensors)
             if name != target.name:
                 raise ConversionError(f"tensor {name} arrived where {target.name} was planned")
-            if value.dtype != dtype or tuple(value.shape) != target.shape:
-                raise ConversionError(f"{name}: {value.dtype} {tuple(value.shape)} instead of {dtype} {target.shape}")
+            wanted = target.dtype or dtype
+            if value.dtype != wanted or tuple(value.shape) != target.shape:
+                raise ConversionError(f"{name}: {value.dtype} {tuple(value.shape)} instead of {wanted} {target.shape}")
             f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del value
     return offset
+
+
+def _nbytes(target: Target, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=target.dtype or dtype).element_size()
+    return itemsize * int(torch.Size(target.shape).numel())
 
 
 def write_sharded_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], plan: list[Target], dtype: torch.dtype,
@@ -293,11 +310,10 @@ def write_sharded_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], plan:
     if dtype not in _SAFETENSORS_DTYPES:
         raise ValueError(f"unsupported output dtype {dtype}; choose one of {list(_SAFETENSORS_DTYPES)}")
     limit = _parse_size(max_shard_size)
-    itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[Target]] = [[]]
     used = 0
     for target in plan:
-        size = itemsize * int(torch.Size(target.shape).numel())
+        size = _nbytes(target, dtype)
         if shards[-1] and used + size > limit:
             shards.append([])
             used = 0
@@ -342,25 +358,116 @@ def convert_params(params_path: str | os.PathLike, output_dir: str | os.PathLike
     return config
 
 
-# -- the parts that another module provides (TODO hooks) -----------------------------------------------------------
-def convert_vqgan(vqgan_path: str | os.PathLike, output_dir: str | os.PathLike):
-    """TODO(issue 6): put the authors' VQGAN inside the converted VLA folder. The VQGAN itself is converted by
-    `modeling_lapa.convert_lwm_vqgan` (restricted unpickler, `LWMVQGANModel` of `vqgan_lwm.py`); what is missing is
-    the `lwm` backbone family of `LAPAForActionPrediction` that holds backbone + VQGAN in one folder."""
-    raise NotImplementedError(
-        f"converting {vqgan_path} into the VLA folder is not implemented yet: the LWM VQGAN (modeling_lapa/"
-        "vqgan_lwm.py) is not yet part of an `lwm` backbone family of LAPAForActionPrediction. Convert it on its own "
-        "with `python -m modeling_lapa.convert_lwm_vqgan --vqgan PATH --output DIR` and omit --vqgan here."
+# -- the complete VLA folder: backbone + VQGAN + processor ---------------------------------------------------------
+def vqgan_plan(vqgan_path: str | os.PathLike, prefix: str = "vqgan."):
+    """Read the authors' VQGAN pickle (restricted unpickler: plain containers and numpy arrays only) and plan its
+    tensors. Returns (config, targets, tensors): `tensors` yields (name, float32 tensor) in `targets` order and
+    drops each source array once converted, so the pickle's memory is released while it is written."""
+    flat = flatten_params(load_vqgan_pickle(vqgan_path))  # the nested tree is not kept: `flat` owns the arrays
+    for key, value in flat.items():
+        if np.asarray(value).dtype.kind not in "fiu":
+            raise ConversionError(f"{vqgan_path}: {key} has unsupported dtype {np.asarray(value).dtype}")
+    shapes = {key: tuple(np.shape(value)) for key, value in flat.items()}
+    config = LWMVQGANConfig.from_param_shapes(shapes)
+    mapping = vqgan_key_map(shapes, config)  # strict: every key, every parameter, every shape
+
+    def torch_shape(key):
+        shape = shapes[key]
+        return (shape[3], shape[2], shape[0], shape[1]) if key.endswith("/kernel") and len(shape) == 4 else shape
+
+    targets = [Target(prefix + name, torch_shape(key), (), torch.float32) for key, name in mapping.items()]
+
+    def tensors():
+        for key, name in mapping.items():
+            array = np.asarray(flat.pop(key), dtype=np.float32)
+            if key.endswith("/kernel") and array.ndim == 4:
+                array = array.transpose(3, 2, 0, 1)  # Flax HWIO -> PyTorch OIHW
+            yield prefix + name, torch.from_numpy(np.ascontiguousarray(array))
+            del array
+
+    return config, targets, tensors()
+
+
+def lapa_config_for(lwm: LWMConfig, vqgan: LWMVQGANConfig, latent_sequence_length: int = 4) -> LAPAConfig:
+    """The `LAPAConfig` of the authors' model: LWM backbone, its latent/action blocks as LAPA's token blocks, the
+    image placeholder on the vision row after end-of-vision (never a VQGAN code; see `LWMProcessor`)."""
+    return LAPAConfig(
+        backbone_config=lwm, vqgan_config=vqgan, num_latent_codes=lwm.latent_vocab_size,
+        latent_sequence_length=latent_sequence_length, num_action_bins=lwm.action_vocab_size,
+        latent_token_offset=lwm.latent_token_offset, action_token_offset=lwm.action_token_offset,
+        image_token_id=lwm.vision_token_offset + lwm.end_of_vision_code + 1,
+        num_image_tokens=count_image_tokens(lwm, vqgan), pad_token_id=lwm.pad_token_id,
     )
 
 
-def convert_tokenizer(tokenizer_path: str | os.PathLike, output_dir: str | os.PathLike):
-    """TODO(issue 6): turn LLaMA-2's tokenizer.model into our processor (the authors' prompt layout: `<s>` twice,
-    the instruction template, `<vision>` + 256 image ids + end-of-vision + `</vision>`, then `<delta>`)."""
-    raise NotImplementedError(
-        f"tokenizer/processor conversion of {tokenizer_path} is not implemented yet: it needs the LWM processor "
-        "(official prompt layout, VQGAN image preprocessing). Omit --tokenizer to convert the backbone only."
+def lwm_processor_for(tokenizer_path: str | os.PathLike, config: LAPAConfig):
+    """`LWMProcessor` for `config` with LLaMA-2's tokenizer read from `tokenizer.model` (needs `sentencepiece`)."""
+    from processing_lapa import LWMImageProcessor, LWMProcessor, llama_tokenizer_from_sentencepiece
+
+    lwm = config.backbone_config
+    tokenizer = llama_tokenizer_from_sentencepiece(tokenizer_path)
+    processor = LWMProcessor(
+        LWMImageProcessor(size=config.vqgan_config.resolution), tokenizer,
+        num_latent_codes=config.num_latent_codes, latent_sequence_length=config.latent_sequence_length,
+        num_action_bins=config.num_action_bins, num_image_tokens=config.num_image_tokens,
+        text_vocab_size=lwm.text_vocab_size, vision_vocab_size=lwm.vision_vocab_size,
+        end_of_vision_code=lwm.end_of_vision_code,
     )
+    if processor.image_token_id != config.image_token_id or processor.vocab_size != lwm.vocab_size:
+        raise ConversionError("the processor's token layout differs from the model config")
+    return processor
+
+
+def convert_lapa(params_path: str | os.PathLike, vqgan_path: str | os.PathLike, output_dir: str | os.PathLike,
+                 tokenizer_path: str | os.PathLike | None = None, config: LWMConfig | None = None,
+                 dtype: torch.dtype = torch.bfloat16, max_shard_size: int | str = "2GB",
+                 latent_sequence_length: int = 4) -> LAPAConfig:
+    """Write a complete `LAPAForActionPrediction` folder (see the module docstring) from the authors' files.
+
+    Both trees are checked strictly before any tensor data is written (the VQGAN against `LWMVQGANModel`, the params
+    against `config`, the union of the names against the model built on the meta device)."""
+    from .modeling_lapa import LAPAForActionPrediction
+    from transformers.dynamic_module_utils import custom_object_save
+
+    lwm = config if config is not None else LWMConfig(**LAPA_7B_CONFIG)
+    lapa_config = lapa_config_for(lwm, LWMVQGANConfig(), latent_sequence_length)  # fails early on a bad layout
+    processor = lwm_processor_for(tokenizer_path, lapa_config) if tokenizer_path is not None else None
+    vqgan_config, vqgan_targets, vqgan_tensors = vqgan_plan(vqgan_path)
+    lapa_config = lapa_config_for(lwm, vqgan_config, latent_sequence_length)
+    if processor is not None and processor.num_image_tokens != lapa_config.num_image_tokens:
+        raise ConversionError("the VQGAN's token grid differs from the processor's image token count")
+
+    index: dict[tuple[str, ...], StreamTensor] = {}
+    for tensor in scan_stream(params_path):
+        if tensor.key in index:
+            raise ConversionError(f"{params_path} holds {tensor.name} more than once")
+        index[tensor.key] = tensor
+    backbone_plan = conversion_plan({k: t.shape for k, t in index.items()}, lwm, prefix="backbone.")
+    plan = vqgan_targets + backbone_plan
+    with torch.device("meta"):
+        skeleton = LAPAForActionPrediction(lapa_config)
+    expected = {name: tuple(p.shape) for name, p in skeleton.state_dict().items()}
+    planned = {t.name: tuple(t.shape) for t in plan}
+    if expected != planned:
+        raise ConversionError(
+            f"planned tensors differ from the model: missing {sorted(expected.keys() - planned.keys())}, "
+            f"unexpected {sorted(planned.keys() - expected.keys())}, mis-shaped "
+            f"{sorted(k for k in expected.keys() & planned.keys() if expected[k] != planned[k])}"
+        )
+
+    def all_tensors():
+        yield from vqgan_tensors
+        yield from iter_converted_tensors(backbone_plan, index, lwm, dtype=dtype)
+
+    output_dir = Path(output_dir)
+    write_sharded_safetensors(all_tensors(), plan, dtype, output_dir, max_shard_size=max_shard_size)
+    lapa_config.architectures = [LAPAForActionPrediction.__name__]
+    lapa_config.dtype = dtype
+    custom_object_save(skeleton, output_dir, config=lapa_config)  # model code + auto_map["AutoModel"]
+    lapa_config.save_pretrained(output_dir)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    return lapa_config
 
 
 def _load_config(spec: str | None, rope_table_dtype: str | None) -> LWMConfig:
@@ -378,8 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", required=True, help="the authors' streaming msgpack params file")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--vqgan", help="the authors' VQGAN pickle (TODO: not converted yet)")
-    parser.add_argument("--tokenizer", help="LLaMA-2 tokenizer.model (TODO: not converted yet)")
+    parser.add_argument("--vqgan", help="the authors' VQGAN pickle: with it the output is a LAPAForActionPrediction "
+                                        "folder; without it a bare LWMForCausalLM folder")
+    parser.add_argument("--tokenizer", help="LLaMA-2 tokenizer.model: adds the processor (needs --vqgan and the "
+                                            "sentencepiece package)")
+    parser.add_argument("--latent-sequence-length", type=int, default=4,
+                        help="latent codes per action (the released model: 4)")
     parser.add_argument("--config", default="lapa-7b",
                         help="'lapa-7b' (default) or a JSON file of LWMConfig arguments")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
@@ -390,13 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="2GB")
     args = parser.parse_args(argv)
     config = _load_config(args.config, args.rope_table_dtype)
-    # Fail at once, before the long part, for what cannot be converted yet.
+    if args.tokenizer and not args.vqgan:
+        parser.error("--tokenizer needs --vqgan (the processor belongs to the complete LAPA folder)")
     if args.vqgan:
-        convert_vqgan(args.vqgan, args.output)
-    if args.tokenizer:
-        convert_tokenizer(args.tokenizer, args.output)
-    convert_params(args.params, args.output, config, dtype=getattr(torch, args.dtype),
-                   max_shard_size=args.max_shard_size)
+        convert_lapa(args.params, args.vqgan, args.output, tokenizer_path=args.tokenizer, config=config,
+                     dtype=getattr(torch, args.dtype), max_shard_size=args.max_shard_size,
+                     latent_sequence_length=args.latent_sequence_length)
+    else:
+        convert_params(args.params, args.output, config, dtype=getattr(torch, args.dtype),
+                       max_shard_size=args.max_shard_size)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -412,9 +525,11 @@ __all__ = [
     "Target",
     "check_param_tree",
     "conversion_plan",
+    "convert_lapa",
     "convert_params",
-    "convert_tokenizer",
-    "convert_vqgan",
+    "lapa_config_for",
+    "lwm_processor_for",
+    "vqgan_plan",
     "expected_param_tree",
     "half_split_to_interleaved",
     "interleaved_to_half_split",

@@ -9,6 +9,12 @@ tokens `<action_b>` are ordinary tokens after the backbone's text vocabulary. A 
 target the loss and the decoding are a softmax over the |C| latent rows of the output matrix only, at an action
 target over the N action rows only: exactly the paper's separate latent and action heads, while the checkpoint stays
 an ordinary image-text-to-text model.
+
+The "lwm" family is the authors' own model (LAPA-7B): the backbone is `LWMForCausalLM`, a text model over one
+combined vocabulary (text | VQGAN codes | latent | action), and the image encoder is LWM's VQGAN, held here as
+`self.vqgan`. Its prompt (`LWMProcessor`) has 256 image placeholders inside the authors' vision block; `forward`
+encodes the pixels to codes and writes them, offset into the vision block, over the placeholders. Everything after
+that (block loss, cached block decoding, prediction) is shared with the other families.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from transformers.utils import ModelOutput
 
 from .configuration_lapa import BACKBONE_FAMILIES, LAPAConfig
 from .loading import StrictLoadingMixin
+from .modeling_lwm import LWMForCausalLM
+from .vqgan_lwm import LWMVQGANModel
 
 
 @dataclass
@@ -63,6 +71,8 @@ class LAPAPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # The "lwm" family's VQGAN: its codes are discrete, so it stays float32 when the model loads in half precision.
+    _keep_in_fp32_modules_strict = ["vqgan"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # The backbone initialises its own modules (its `_init_weights` runs in its own post_init).
@@ -79,12 +89,16 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LAPAConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
+        is_lwm = config.backbone_family == "lwm"
         if backbone is None:
             backbone_config = config.backbone_config
             if getattr(config, "_attn_implementation_internal", None) is not None:
                 backbone_config._attn_implementation = config._attn_implementation
-            backbone = AutoModelForImageTextToText.from_config(backbone_config)
+            backbone = LWMForCausalLM(backbone_config) if is_lwm else AutoModelForImageTextToText.from_config(
+                backbone_config)
         self.backbone = backbone
+        if is_lwm:
+            self.vqgan = LWMVQGANModel(config.vqgan_config)
         self._family = BACKBONE_FAMILIES[config.backbone_family]
         self.processor = None  # set by `from_pretrained` when the folder holds a processor, or by the user
         self.post_init()
@@ -99,7 +113,9 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
     # -- structure ---------------------------------------------------------------------------------------------------
     @property
     def vision_encoder(self) -> nn.Module:
-        """The backbone's image encoder (frozen by default)."""
+        """The backbone's image encoder (frozen by default); the VQGAN for the "lwm" family."""
+        if self._family["vision_module"] is None:
+            return self.vqgan
         return getattr(self.backbone.model, self._family["vision_module"])
 
     def get_input_embeddings(self) -> nn.Module:
@@ -144,6 +160,36 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         return model
 
     # -- forward -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_token_ids(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """"lwm" family: (B, 3, 256, 256) pixels in [-1, 1] -> (B, 256) ids of their VQGAN codes (row-major) in the
+        combined vocabulary. The VQGAN is frozen and not differentiable (argmin), hence no_grad."""
+        codes, _ = self.vqgan.encode(pixel_values)
+        return codes.flatten(1) + self.config.backbone_config.vision_token_offset
+
+    def _place_image_tokens(self, input_ids: torch.LongTensor | None, pixel_values: torch.Tensor | None,
+                            inputs_embeds: torch.Tensor | None) -> torch.LongTensor | None:
+        """"lwm" family: write each image's code ids over its `num_image_tokens` placeholders in `input_ids`."""
+        image_id, count = self.config.image_token_id, self.config.num_image_tokens
+        if input_ids is None:
+            if pixel_values is not None:
+                raise ValueError("the lwm family reads images as tokens: pass input_ids (not inputs_embeds) with images")
+            return input_ids
+        placeholders = input_ids == image_id
+        if pixel_values is None:
+            if placeholders.any():
+                raise ValueError("input_ids hold image placeholders but no pixel_values were given")
+            return input_ids
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"pixel_values must be (B, 3, S, S) with B = {input_ids.shape[0]}, got "
+                             f"{tuple(pixel_values.shape)}")
+        per_row = placeholders.sum(dim=1)
+        if (per_row != count).any():
+            raise ValueError(f"every row needs exactly {count} image placeholders (id {image_id}), got {per_row.tolist()}")
+        ids = input_ids.clone()
+        ids[placeholders] = self.image_token_ids(pixel_values).to(ids.device).reshape(-1)
+        return ids
+
     def _images_for_backbone(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
         if pixel_values is None:
             return None
@@ -185,9 +231,13 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
             if first == 0:
                 raise ValueError("a target at position 0 has no token before it to predict it from")
             logits_to_keep = labels.shape[1] - first + 1
+        if self.config.backbone_family == "lwm":
+            # LWM reads the image as VQGAN-code tokens: a plain causal LM call afterwards.
+            input_ids = self._place_image_tokens(input_ids, pixel_values, inputs_embeds)
+        else:
+            kwargs["pixel_values"] = self._images_for_backbone(pixel_values)
         outputs = self.backbone(
             input_ids=input_ids,
-            pixel_values=self._images_for_backbone(pixel_values),
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -313,10 +363,10 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
             )
         return processor
 
-    def _prompt_inputs(self, processor, images, instructions, center_crop: bool):
+    def _prompt_inputs(self, processor, images, instructions, center_crop: bool, task: str = "latent"):
         if isinstance(instructions, str):
             instructions = [instructions]
-        inputs = processor(images=images, text=instructions, center_crop=center_crop, return_tensors="pt")
+        inputs = processor(images=images, text=instructions, center_crop=center_crop, return_tensors="pt", task=task)
         return {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
 
     @torch.no_grad()
@@ -327,7 +377,7 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         `images`: anything the processor takes (PIL images, uint8 arrays (B, H, W, 3), tensors); `instructions`:
         a string or a list of B strings. `sampling`: `do_sample`, `temperature`, `top_k`, `generator`."""
         processor = self._processor_or_raise(processor)
-        inputs = self._prompt_inputs(processor, images, instructions, center_crop)
+        inputs = self._prompt_inputs(processor, images, instructions, center_crop, task="latent")
         return self.generate_block(**inputs, num_tokens=self.config.latent_sequence_length, block="latent",
                                    return_logits=return_logits, **sampling)
 
@@ -338,8 +388,11 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         `dataset` (the processor's only dataset when None). With `return_logits`, also the action-block logits
         (B, D, N)."""
         processor = self._processor_or_raise(processor)
+        if not self.config.num_action_bins or processor.action_tokenizer is None:
+            raise ValueError("this model has no action tokens (a latent-pretrained checkpoint): finetune it on actions "
+                             "first, or use predict_latent_actions")
         action_dim = processor.action_tokenizer.action_dim(dataset)
-        inputs = self._prompt_inputs(processor, images, instructions, center_crop)
+        inputs = self._prompt_inputs(processor, images, instructions, center_crop, task="action")
         result = self.generate_block(**inputs, num_tokens=action_dim, block="action", return_logits=return_logits,
                                      **sampling)
         bins, logits = result if return_logits else (result, None)

@@ -1,0 +1,264 @@
+"""The authors' JAX VLA (params + VQGAN + tokenizer.model) converted into one LAPAForActionPrediction folder.
+
+The tiny checkpoint and tiny VQGAN are the authors' own (tests/fixtures/lapa_vla, see test_lapa_jax_conversion.py);
+the tokenizer is a tiny SentencePiece model trained here like LLaMA's (BPE, byte fallback, identity normaliser), since
+the real tokenizer.model is not available. The golden inputs are the authors' ids (their text ids come from LLaMA-2's
+vocabulary), so the golden comparisons feed those ids; the processor is checked against the authors' layout rule.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel
+
+import modeling_lapa  # noqa: F401  (registers the Auto classes)
+import processing_lapa  # noqa: F401
+from modeling_lapa.convert_lapa_jax import main
+from modeling_lapa.convert_lwm_vqgan import load_vqgan_pickle, vqgan_state_dict_from_params
+from modeling_lapa.modeling_lapa import LAPAForActionPrediction, positions_from_mask
+from modeling_lapa.modeling_lwm import official_position_ids, official_to_combined_ids
+from modeling_lapa.vqgan_lwm import lwm_preprocess
+from processing_lapa import LWMProcessor, llama_tokenizer_from_sentencepiece
+from processing_lapa.processing_lwm import LWM_LATENT_SUFFIX, LWM_PROMPT_TEMPLATE
+
+from conftest import FIXTURES, REPO_ROOT
+
+spm = pytest.importorskip("sentencepiece")
+
+HERE = FIXTURES / "lapa_vla"
+SPEC = json.loads((HERE / "tiny_config.json").read_text())
+INSTRUCTION = "take the broccoli out of the pot"  # the golden prompt's instruction
+ATOL = 1e-4
+
+
+def train_tiny_sentencepiece(path) -> None:
+    """A 400-piece SentencePiece BPE model trained like LLaMA's tokenizer.model (byte fallback, no normalisation,
+    unk/bos/eos = 0/1/2, no pad), on the prompt texts."""
+    texts = [LWM_PROMPT_TEMPLATE.format(instruction=i) for i in
+             (INSTRUCTION, "open the drawer", "pick up the red block and put it in the bowl")]
+    texts += [LWM_LATENT_SUFFIX, "</vision> <action>"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts * 40), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False, unk_id=0,
+        bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1, seed_sentencepiece_size=1000,
+    )
+    path.write_bytes(model.getvalue())
+
+
+def tiny_lwm_config(rope_table_dtype="float32") -> dict:
+    official = SPEC["delta"]["llama_config"]
+    return dict(
+        text_vocab_size=official["vocab_size"], vision_vocab_size=official["vision_vocab_size"],
+        latent_vocab_size=official["delta_vocab_size"], hidden_size=official["hidden_size"],
+        intermediate_size=official["intermediate_size"], num_hidden_layers=official["num_hidden_layers"],
+        num_attention_heads=official["num_attention_heads"], rms_norm_eps=official["rms_norm_eps"],
+        rope_theta=official["theta"], max_position_embeddings=official["max_sequence_length"],
+        rope_table_dtype=rope_table_dtype,
+    )
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(HERE / "tiny_delta_golden.npz")
+
+
+@pytest.fixture(scope="module")
+def vqgan_golden():
+    return np.load(HERE / "tiny_vqgan_golden.npz")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The authors' tiny params + tiny VQGAN + a tiny tokenizer.model, converted with the CLI (float32, sharded)."""
+    work = tmp_path_factory.mktemp("lapa_tiny")
+    train_tiny_sentencepiece(work / "tokenizer.model")
+    (work / "lwm.json").write_text(json.dumps(tiny_lwm_config()))
+    out = work / "LAPA-tiny"
+    assert main(["--params", str(HERE / "tiny_delta_params"), "--vqgan", str(HERE / "tiny_vqgan.pkl"),
+                 "--tokenizer", str(work / "tokenizer.model"), "--config", str(work / "lwm.json"),
+                 "--dtype", "float32", "--max-shard-size", "1MB", "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def golden_combined(golden, model, prefix="", delta=True):
+    masks = (golden[f"{prefix}vision_masks"], golden[f"{prefix}delta_masks"] if delta else None)
+    return official_to_combined_ids(golden[f"{prefix}input_ids"], *masks, config=model.config.backbone_config)
+
+
+# -- the folder ---------------------------------------------------------------------------------------------------
+def test_the_folder_is_a_complete_lapa_checkpoint(folder, model):
+    files = set(os.listdir(folder))
+    assert {"config.json", "model.safetensors.index.json", "processor_config.json", "tokenizer.json",
+            "modeling_lapa.py", "configuration_lapa.py", "modeling_lwm.py", "vqgan_lwm.py", "loading.py",
+            "processing_lwm.py", "processing_lapa.py", "image_processing_lwm.py"} <= files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1
+    config = json.loads((folder / "config.json").read_text())
+    assert config["backbone_config"]["model_type"] == "lwm" and config["vqgan_config"]["num_embeddings"] == 1024
+    assert config["auto_map"]["AutoModel"] == "modeling_lapa.LAPAForActionPrediction"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(model.state_dict())
+
+    assert type(model) is LAPAForActionPrediction and isinstance(model.processor, LWMProcessor)
+    assert model.config.backbone_family == "lwm" and model.config.num_image_tokens == 256
+    lwm = model.config.backbone_config
+    assert (model.config.latent_token_offset, model.config.num_latent_codes) == (1024 + 8448, 8)
+    assert model.config.image_token_id == model.processor.image_token_id == 1024 + 8194
+    assert model.processor.vocab_size == lwm.vocab_size == 1024 + 8448 + 8
+    assert not any(p.requires_grad for p in model.vqgan.parameters())  # frozen like a vision tower
+    # the VQGAN inside is the authors' pickle, bit for bit
+    reference = vqgan_state_dict_from_params(load_vqgan_pickle(HERE / "tiny_vqgan.pkl"))
+    state = model.vqgan.state_dict()
+    assert set(state) == set(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+# -- golden logits and ids ----------------------------------------------------------------------------------------
+def test_every_head_matches_the_authors_fp32_logits_at_every_unpadded_position(model, golden):
+    ids = golden_combined(golden, model)
+    mask = torch.as_tensor(golden["attention_mask"]).long()
+    real = mask[0].bool()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits  # positions from the mask (pads clamped to 0)
+        official = model(input_ids=ids, attention_mask=mask, position_ids=official_position_ids(mask)).logits
+    heads = model.backbone.head_logits(logits[0, real])
+    for name, key in (("text", "text_logits"), ("vision", "vision_logits"), ("latent", "delta_logits")):
+        expected = torch.from_numpy(golden[key][0][real.numpy()])
+        torch.testing.assert_close(heads[name], expected, rtol=0, atol=ATOL, msg=name)
+    # the authors' positions (pads -1, wrapping to the table's last row) change only the meaningless pad rows
+    torch.testing.assert_close(official[0, real], logits[0, real], rtol=0, atol=1e-5)
+    assert torch.equal(positions_from_mask(mask)[0, real], official_position_ids(mask)[0, real])
+
+
+def test_latent_prediction_from_the_golden_prompt_gives_the_raw_argmax_ids(model, golden):
+    ids = golden_combined(golden, model, prefix="prompt_")
+    mask = torch.as_tensor(golden["prompt_attention_mask"]).long()
+    codes, logits = model.generate_block(ids, mask, None, num_tokens=4, block="latent", return_logits=True)
+    assert codes.tolist() == golden["raw_greedy_latent_fp32"].tolist() == [[3, 2, 2, 0]]
+    assert golden["official_greedy_latent_fp32"].tolist() == [[3, 2, 0, 0]]  # their sampler's EOS truncation
+    # the first step's logits are the golden ones at the last prompt position; every step's top-1 minus top-2
+    # margin is the authors' (their golden teacher-forced latents [3, 1, 0, 7] differ from the greedy ones later)
+    torch.testing.assert_close(logits[0, 0], torch.from_numpy(golden["delta_logits"][0, 390]), rtol=0, atol=ATOL)
+    top2 = logits[0].topk(2, dim=-1).values
+    torch.testing.assert_close(top2[:, 0] - top2[:, 1], torch.from_numpy(golden["raw_greedy_margins_fp32"]),
+                               rtol=0, atol=ATOL)
+
+
+# -- the authors' prompt --------------------------------------------------------------------------------------------
+def test_processor_builds_the_authors_layout(model, golden, folder):
+    processor = model.processor
+    sp = spm.SentencePieceProcessor(model_file=str(folder.parent / "tokenizer.model"))
+    for text in (LWM_PROMPT_TEMPLATE.format(instruction=INSTRUCTION), LWM_LATENT_SUFFIX, "a  b\n ü 日本 `x`"):
+        assert processor.tokenizer(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    image = np.zeros((64, 80, 3), np.uint8)
+    batch = processor(images=[image, image], text=[INSTRUCTION, "open the drawer"], return_tensors="pt")
+    lwm = model.config.backbone_config
+    for row, instruction in enumerate((INSTRUCTION, "open the drawer")):
+        expected = ([1, 1] + sp.encode(LWM_PROMPT_TEMPLATE.format(instruction=instruction))
+                    + [processor.image_token_id] * 256 + [lwm.end_of_vision_token_id] + sp.encode(LWM_LATENT_SUFFIX))
+        real = batch["attention_mask"][row].bool()
+        assert batch["input_ids"][row][real].tolist() == expected
+        assert batch["input_ids"][row][~real].eq(0).all()  # left padded with id 0, like the authors
+        assert real[-len(expected):].all()
+    # the same structure as the golden prompt: [1, 1] + text + 256 vision + eov + the 6 suffix ids, left padded
+    real = golden["prompt_attention_mask"][0] > 0
+    golden_ids, golden_vision = golden["prompt_input_ids"][0][real], golden["prompt_vision_masks"][0][real]
+    assert golden_ids[:2].tolist() == [1, 1] and golden_vision.sum() == 257 and golden_ids[-7] == 8193
+    assert golden_vision[-7:].tolist() == [True] + [False] * 6 and len(sp.encode(LWM_LATENT_SUFFIX)) >= 1
+    with pytest.raises(ValueError, match="no action tokens"):
+        processor(images=image, text=INSTRUCTION, task="action")
+
+
+def test_the_image_processor_is_the_official_preprocessing(model, vqgan_golden):
+    for key in ("image_square_uint8", "image_nonsquare_uint8"):
+        pixels = model.processor.image_processor(vqgan_golden[key])["pixel_values"]
+        assert torch.equal(pixels[0], lwm_preprocess(vqgan_golden[key]))
+
+
+# -- from pixels ----------------------------------------------------------------------------------------------------
+def test_predict_latent_actions_from_pixels_end_to_end(model, vqgan_golden):
+    images = [vqgan_golden["image_square_uint8"], vqgan_golden["image_nonsquare_uint8"]]
+    instructions = [INSTRUCTION, "open the drawer"]
+    codes, logits = model.predict_latent_actions(images, instructions, return_logits=True)
+    assert codes.shape == (2, 4) and codes.min() >= 0 and codes.max() < 8 and logits.shape == (2, 4, 8)
+    # the image tokens are exactly the golden VQGAN codes, offset into the vision block
+    batch = model.processor(images=images, text=instructions)
+    vision_ids = model.image_token_ids(batch["pixel_values"])
+    offset = model.config.backbone_config.vision_token_offset
+    assert vision_ids[0].tolist() == (vqgan_golden["codes_square"] + offset).tolist()
+    assert vision_ids[1].tolist() == (vqgan_golden["codes_nonsquare"] + offset).tolist()
+    # ... placed over the placeholders: the pixel path equals feeding those ids
+    ids = batch["input_ids"].clone()
+    ids[ids == model.config.image_token_id] = vision_ids.reshape(-1)
+    by_ids = model.generate_block(ids, batch["attention_mask"], None, num_tokens=4, block="latent",
+                                  return_logits=True)
+    assert torch.equal(by_ids[0], codes)
+    torch.testing.assert_close(by_ids[1], logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="placeholders"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.raises(ValueError, match="no action tokens"):
+        model.predict_action(images, instructions)
+
+
+# -- remote code ----------------------------------------------------------------------------------------------------
+def test_remote_code_load_where_the_project_is_not_importable(folder, model, golden, vqgan_golden, tmp_path):
+    ids = golden_combined(golden, model)
+    mask = torch.as_tensor(golden["attention_mask"]).long()
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    np.save(tmp_path / "mask.npy", mask.numpy())
+    np.save(tmp_path / "image.npy", vqgan_golden["image_nonsquare_uint8"])
+    with torch.no_grad():
+        expected = model.backbone.head_logits(model(input_ids=ids, attention_mask=mask).logits)["latent"][0]
+    expected_codes = model.predict_latent_actions([vqgan_golden["image_nonsquare_uint8"]], INSTRUCTION)
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+
+        BLOCKED = ("processing_lapa", "modeling_lapa", "training", "hub_cards")
+
+        class BlockProject(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{{name}} is blocked: the saved folder must carry its own code")
+                return None
+
+        sys.meta_path.insert(0, BlockProject())
+        sys.path[:] = [p for p in sys.path if {str(REPO_ROOT)!r} not in p and p not in ("", ".")]
+        import numpy as np, torch
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True, attn_implementation="eager").eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(model.processor).__name__ == "LWMProcessor", type(model.processor)
+        ids, mask = torch.from_numpy(np.load("ids.npy")), torch.from_numpy(np.load("mask.npy"))
+        with torch.no_grad():
+            logits = model.backbone.head_logits(model(input_ids=ids, attention_mask=mask).logits)["latent"][0]
+        codes = model.predict_latent_actions([np.load("image.npy")], {INSTRUCTION!r})
+        print(json.dumps({{"logits": logits.tolist(), "codes": codes.tolist()}}))
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=0, atol=1e-6)
+    real = mask[0].bool().numpy()
+    torch.testing.assert_close(torch.tensor(got["logits"])[real], torch.from_numpy(golden["delta_logits"][0][real]),
+                               rtol=0, atol=ATOL)
+    assert got["codes"] == expected_codes.tolist()
