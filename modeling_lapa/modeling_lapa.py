@@ -168,7 +168,7 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         return codes.flatten(1) + self.config.backbone_config.vision_token_offset
 
     def _place_image_tokens(self, input_ids: torch.LongTensor | None, pixel_values: torch.Tensor | None,
-                            inputs_embeds: torch.Tensor | None) -> torch.LongTensor | None:
+                            inputs_embeds: torch.Tensor | None, past_key_values=None) -> torch.LongTensor | None:
         """"lwm" family: write each image's code ids over its `num_image_tokens` placeholders in `input_ids`."""
         image_id, count = self.config.image_token_id, self.config.num_image_tokens
         if input_ids is None:
@@ -176,6 +176,9 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
                 raise ValueError("the lwm family reads images as tokens: pass input_ids (not inputs_embeds) with images")
             return input_ids
         placeholders = input_ids == image_id
+        if pixel_values is not None and not placeholders.any() and past_key_values is not None \
+                and past_key_values.get_seq_length() > 0:
+            pixel_values = None  # a decoding step of `generate`, which passes the pixels again: already read
         if pixel_values is None:
             if placeholders.any():
                 raise ValueError("input_ids hold image placeholders but no pixel_values were given")
@@ -233,7 +236,7 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
             logits_to_keep = labels.shape[1] - first + 1
         if self.config.backbone_family == "lwm":
             # LWM reads the image as VQGAN-code tokens: a plain causal LM call afterwards.
-            input_ids = self._place_image_tokens(input_ids, pixel_values, inputs_embeds)
+            input_ids = self._place_image_tokens(input_ids, pixel_values, inputs_embeds, past_key_values)
         else:
             kwargs["pixel_values"] = self._images_for_backbone(pixel_values)
         outputs = self.backbone(

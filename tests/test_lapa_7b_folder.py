@@ -262,3 +262,37 @@ def test_remote_code_load_where_the_project_is_not_importable(folder, model, gol
     torch.testing.assert_close(torch.tensor(got["logits"])[real], torch.from_numpy(golden["delta_logits"][0][real]),
                                rtol=0, atol=ATOL)
     assert got["codes"] == expected_codes.tolist()
+
+
+def test_default_bf16_conversion_keeps_the_vqgan_in_float32(folder, vqgan_golden, tmp_path):
+    """The released model runs in bf16: the backbone is written and loaded in bf16, the VQGAN stays float32 (its codes
+    are an argmin: half precision would change some), and the pixel path still gives the golden codes."""
+    from safetensors import safe_open
+
+    out = tmp_path / "bf16"
+    assert main(["--params", str(HERE / "tiny_delta_params"), "--vqgan", str(HERE / "tiny_vqgan.pkl"),
+                 "--config", str(folder.parent / "lwm.json"), "--output", str(out)]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {name.split(".")[0]: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {"backbone": "BF16", "vqgan": "F32"}
+    assert not (out / "processor_config.json").exists()  # no --tokenizer: the model alone
+    model = AutoModel.from_pretrained(out, dtype=torch.bfloat16)
+    assert model.backbone.dtype == torch.bfloat16 and model.vqgan.dtype == torch.float32 and model.processor is None
+    pixels = lwm_preprocess([vqgan_golden["image_square_uint8"]])
+    offset = model.config.backbone_config.vision_token_offset
+    assert (model.image_token_ids(pixels)[0] - offset).tolist() == vqgan_golden["codes_square"].tolist()
+
+
+def test_a_vqgan_that_does_not_match_fails_before_writing(tmp_path):
+    import pickle
+
+    from modeling_lapa.convert_lapa_jax import ConversionError
+    from modeling_lapa.convert_lwm_vqgan import flatten_params
+
+    tree = flatten_params(load_vqgan_pickle(HERE / "tiny_vqgan.pkl"))
+    tree.pop("decoder/Conv_1/bias")
+    (tmp_path / "bad.pkl").write_bytes(pickle.dumps(tree))
+    with pytest.raises((KeyError, ConversionError), match="decoder"):
+        main(["--params", str(HERE / "tiny_delta_params"), "--vqgan", str(tmp_path / "bad.pkl"),
+              "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
