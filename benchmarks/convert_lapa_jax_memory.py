@@ -2,12 +2,16 @@
 
     python benchmarks/convert_lapa_jax_memory.py                       # ~3.6 GB stream, shards of 2 GB and 0.5 GB
     python benchmarks/convert_lapa_jax_memory.py --layers 8 --shard-sizes 1GB
+    python benchmarks/convert_lapa_jax_memory.py --vqgan    # the complete LAPA folder: + a released-size VQGAN
 
 The stream has the released LAPA-7B's keys and layout (bf16, layers stacked on axis 0, the authors' byte format)
 at a smaller width (hidden 2048, intermediate 5632, 32 layers by default), written by `jax_stream.write_stream`.
 Each conversion runs in a fresh process; its peak resident memory above the imports is sampled (`PeakRSS`) and
 compared with the stream size, the largest single tensor of the stream and the shard size: a converter that held
 the file, or two copies of a stacked kernel, would show it. A few converted tensors are checked bit for bit.
+With `--vqgan` a random VQGAN pickle of the released size (585 MB, the tree of
+tests/fixtures/lapa_vla/tiny_config.json) is converted too, into the complete LAPAForActionPrediction folder: the
+pickle is read whole (pickles do not stream), written first and released array by array.
 """
 
 from __future__ import annotations
@@ -51,22 +55,45 @@ def write_synthetic_stream(path: Path, config_values: dict, seed: int = 0) -> di
     return {"stream_bytes": path.stat().st_size, "largest_tensor_bytes": largest, "num_keys": len(tree)}
 
 
-def convert_in_this_process(params: str, output: str, config_json: str, max_shard_size: str) -> dict:
+def write_synthetic_vqgan(path: Path, seed: int = 0) -> int:
+    """A pickled nested dict of random float32 arrays with the released VQGAN's tree (like the released `vqgan`)."""
+    import pickle
+
+    spec = json.loads((Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "lapa_vla"
+                       / "tiny_config.json").read_text())
+    rng = np.random.default_rng(seed)
+    tree: dict = {}
+    for key, shape in spec["vqgan"]["real_param_tree"].items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = rng.standard_normal(shape, dtype=np.float32) * 0.02
+    with open(path, "wb") as f:
+        pickle.dump(tree, f, protocol=4)
+    return path.stat().st_size
+
+
+def convert_in_this_process(params: str, output: str, config_json: str, max_shard_size: str,
+                            vqgan: str | None = None) -> dict:
     import torch
 
-    from modeling_lapa.convert_lapa_jax import convert_params
+    from modeling_lapa.convert_lapa_jax import convert_lapa, convert_params
     from modeling_lapa.modeling_lwm import LWMConfig
 
     torch.set_num_threads(1)
     config = LWMConfig(**json.loads(config_json))
     start = time.perf_counter()
     with PeakRSS(interval=0.005) as peak:
-        convert_params(params, output, config, max_shard_size=max_shard_size)
+        if vqgan:
+            convert_lapa(params, vqgan, output, config=config, max_shard_size=max_shard_size)
+        else:
+            convert_params(params, output, config, max_shard_size=max_shard_size)
     seconds = time.perf_counter() - start
     return {"peak_rss_above_imports_mib": round(peak.mib, 1), "seconds": round(seconds, 1)}
 
 
-def check_some_tensors(params: Path, output: Path, config_values: dict) -> None:
+def check_some_tensors(params: Path, output: Path, config_values: dict, prefix: str = "") -> None:
     """A stacked kernel's last layer, the vision embedding block and the latent head, bit for bit."""
     import torch
     from safetensors import safe_open
@@ -81,6 +108,7 @@ def check_some_tensors(params: Path, output: Path, config_values: dict) -> None:
     weight_map = json.loads(index_file.read_text())["weight_map"] if index_file.exists() else {}
 
     def ours(name):
+        name = prefix + name
         with safe_open(str(output / weight_map.get(name, "model.safetensors")), "pt") as f:
             return f.get_tensor(name)
 
@@ -106,8 +134,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="where to write the stream and outputs (default: a temp dir)")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"
                                                 / "convert_lapa_jax_memory.json"))
-    parser.add_argument("--convert-only", nargs=4, metavar=("PARAMS", "OUT", "CONFIG_JSON", "SHARD"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--vqgan", action="store_true",
+                        help="also convert a released-size synthetic VQGAN (the complete LAPA folder)")
+    parser.add_argument("--convert-only", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.convert_only:
         print(json.dumps(convert_in_this_process(*args.convert_only)))
@@ -120,26 +149,36 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         stream = write_synthetic_stream(params, config_values)
         stream["write_seconds"] = round(time.perf_counter() - start, 1)
+        vqgan = []
+        if args.vqgan:
+            stream["vqgan_bytes"] = write_synthetic_vqgan(tmp / "vqgan")
+            vqgan = [str(tmp / "vqgan")]
         runs = []
         for shard in args.shard_sizes:
             out = tmp / f"converted_{shard}"
             result = subprocess.run(
-                [sys.executable, __file__, "--convert-only", str(params), str(out), json.dumps(config_values), shard],
+                [sys.executable, __file__, "--convert-only", str(params), str(out), json.dumps(config_values), shard,
+                 *vqgan],
                 check=True, capture_output=True, text=True,
             )
             run = {"max_shard_size": shard, **json.loads(result.stdout.strip().splitlines()[-1])}
-            check_some_tensors(params, out, config_values)
+            check_some_tensors(params, out, config_values, prefix="backbone." if args.vqgan else "")
             run["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
             runs.append(run)
             for p in out.iterdir():
                 p.unlink()
+    if args.vqgan:
+        print(f"+ VQGAN pickle {stream['vqgan_bytes'] / 2**20:.0f} MiB (complete LAPA folder)")
     print(f"stream: {stream['stream_bytes'] / 2**30:.2f} GiB, {stream['num_keys']} keys, largest tensor "
           f"{stream['largest_tensor_bytes'] / 2**20:.0f} MiB (written in {stream['write_seconds']} s)")
     print(f"{'max shard':>10} {'peak RSS MiB':>13} {'seconds':>8}")
     for run in runs:
         print(f"{run['max_shard_size']:>10} {run['peak_rss_above_imports_mib']:>13} {run['seconds']:>8}")
-    write_report({"benchmark": "convert_lapa_jax_memory", "config": config_values, "stream": stream, "runs": runs},
-                 args.output)
+    output = args.output
+    if args.vqgan and output.endswith("convert_lapa_jax_memory.json"):
+        output = output.replace("convert_lapa_jax_memory.json", "convert_lapa_jax_memory_with_vqgan.json")
+    write_report({"benchmark": "convert_lapa_jax_memory", "config": config_values, "stream": stream, "runs": runs,
+                  "vqgan": args.vqgan}, output)
     return 0
 
 
