@@ -359,6 +359,22 @@ def convert_params(params_path: str | os.PathLike, output_dir: str | os.PathLike
 
 
 # -- the complete VLA folder: backbone + VQGAN + processor ---------------------------------------------------------
+def vqgan_targets(shapes: Mapping[str, tuple[int, ...]], prefix: str = "vqgan."):
+    """The VQGAN's part of the plan from its Flax tree ('/'-joined key -> shape), checked strictly against
+    `LWMVQGANModel`. Returns (config, {flax key: target name}, targets in that order), float32 targets."""
+    shapes = {key: tuple(shape) for key, shape in shapes.items()}
+    config = LWMVQGANConfig.from_param_shapes(shapes)
+    mapping = vqgan_key_map(shapes, config)  # strict: every key, every parameter, every shape
+
+    def torch_shape(key):
+        shape = shapes[key]
+        return (shape[3], shape[2], shape[0], shape[1]) if key.endswith("/kernel") and len(shape) == 4 else shape
+
+    mapping = {key: prefix + name for key, name in mapping.items()}
+    targets = [Target(name, torch_shape(key), (), torch.float32) for key, name in mapping.items()]
+    return config, mapping, targets
+
+
 def vqgan_plan(vqgan_path: str | os.PathLike, prefix: str = "vqgan."):
     """Read the authors' VQGAN pickle (restricted unpickler: plain containers and numpy arrays only) and plan its
     tensors. Returns (config, targets, tensors): `tensors` yields (name, float32 tensor) in `targets` order and
@@ -367,22 +383,14 @@ def vqgan_plan(vqgan_path: str | os.PathLike, prefix: str = "vqgan."):
     for key, value in flat.items():
         if np.asarray(value).dtype.kind not in "fiu":
             raise ConversionError(f"{vqgan_path}: {key} has unsupported dtype {np.asarray(value).dtype}")
-    shapes = {key: tuple(np.shape(value)) for key, value in flat.items()}
-    config = LWMVQGANConfig.from_param_shapes(shapes)
-    mapping = vqgan_key_map(shapes, config)  # strict: every key, every parameter, every shape
-
-    def torch_shape(key):
-        shape = shapes[key]
-        return (shape[3], shape[2], shape[0], shape[1]) if key.endswith("/kernel") and len(shape) == 4 else shape
-
-    targets = [Target(prefix + name, torch_shape(key), (), torch.float32) for key, name in mapping.items()]
+    config, mapping, targets = vqgan_targets({key: np.shape(value) for key, value in flat.items()}, prefix)
 
     def tensors():
         for key, name in mapping.items():
             array = np.asarray(flat.pop(key), dtype=np.float32)
             if key.endswith("/kernel") and array.ndim == 4:
                 array = array.transpose(3, 2, 0, 1)  # Flax HWIO -> PyTorch OIHW
-            yield prefix + name, torch.from_numpy(np.ascontiguousarray(array))
+            yield name, torch.from_numpy(np.ascontiguousarray(array))
             del array
 
     return config, targets, tensors()
@@ -418,6 +426,24 @@ def lwm_processor_for(tokenizer_path: str | os.PathLike, config: LAPAConfig):
     return processor
 
 
+def check_lapa_plan(plan: list[Target], config: LAPAConfig):
+    """Check that `plan` fills exactly the state dict of `LAPAForActionPrediction(config)` (built on the meta device,
+    no memory), with the right shapes; returns that skeleton."""
+    from .modeling_lapa import LAPAForActionPrediction
+
+    with torch.device("meta"):
+        skeleton = LAPAForActionPrediction(config)
+    expected = {name: tuple(p.shape) for name, p in skeleton.state_dict().items()}
+    planned = {t.name: tuple(t.shape) for t in plan}
+    if expected != planned:
+        raise ConversionError(
+            f"planned tensors differ from the model: missing {sorted(expected.keys() - planned.keys())}, "
+            f"unexpected {sorted(planned.keys() - expected.keys())}, mis-shaped "
+            f"{sorted(k for k in expected.keys() & planned.keys() if expected[k] != planned[k])}"
+        )
+    return skeleton
+
+
 def convert_lapa(params_path: str | os.PathLike, vqgan_path: str | os.PathLike, output_dir: str | os.PathLike,
                  tokenizer_path: str | os.PathLike | None = None, config: LWMConfig | None = None,
                  dtype: torch.dtype = torch.bfloat16, max_shard_size: int | str = "2GB",
@@ -430,12 +456,9 @@ def convert_lapa(params_path: str | os.PathLike, vqgan_path: str | os.PathLike, 
     from transformers.dynamic_module_utils import custom_object_save
 
     lwm = config if config is not None else LWMConfig(**LAPA_7B_CONFIG)
-    lapa_config = lapa_config_for(lwm, LWMVQGANConfig(), latent_sequence_length)  # fails early on a bad layout
-    processor = lwm_processor_for(tokenizer_path, lapa_config) if tokenizer_path is not None else None
-    vqgan_config, vqgan_targets, vqgan_tensors = vqgan_plan(vqgan_path)
+    vqgan_config, vqgan_part, vqgan_tensors = vqgan_plan(vqgan_path)
     lapa_config = lapa_config_for(lwm, vqgan_config, latent_sequence_length)
-    if processor is not None and processor.num_image_tokens != lapa_config.num_image_tokens:
-        raise ConversionError("the VQGAN's token grid differs from the processor's image token count")
+    processor = lwm_processor_for(tokenizer_path, lapa_config) if tokenizer_path is not None else None
 
     index: dict[tuple[str, ...], StreamTensor] = {}
     for tensor in scan_stream(params_path):
@@ -443,17 +466,8 @@ def convert_lapa(params_path: str | os.PathLike, vqgan_path: str | os.PathLike, 
             raise ConversionError(f"{params_path} holds {tensor.name} more than once")
         index[tensor.key] = tensor
     backbone_plan = conversion_plan({k: t.shape for k, t in index.items()}, lwm, prefix="backbone.")
-    plan = vqgan_targets + backbone_plan
-    with torch.device("meta"):
-        skeleton = LAPAForActionPrediction(lapa_config)
-    expected = {name: tuple(p.shape) for name, p in skeleton.state_dict().items()}
-    planned = {t.name: tuple(t.shape) for t in plan}
-    if expected != planned:
-        raise ConversionError(
-            f"planned tensors differ from the model: missing {sorted(expected.keys() - planned.keys())}, "
-            f"unexpected {sorted(planned.keys() - expected.keys())}, mis-shaped "
-            f"{sorted(k for k in expected.keys() & planned.keys() if expected[k] != planned[k])}"
-        )
+    plan = vqgan_part + backbone_plan
+    skeleton = check_lapa_plan(plan, lapa_config)
 
     def all_tensors():
         yield from vqgan_tensors
@@ -529,7 +543,9 @@ __all__ = [
     "convert_params",
     "lapa_config_for",
     "lwm_processor_for",
+    "check_lapa_plan",
     "vqgan_plan",
+    "vqgan_targets",
     "expected_param_tree",
     "half_split_to_interleaved",
     "interleaved_to_half_split",

@@ -296,3 +296,22 @@ def test_a_vqgan_that_does_not_match_fails_before_writing(tmp_path):
         main(["--params", str(HERE / "tiny_delta_params"), "--vqgan", str(tmp_path / "bad.pkl"),
               "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_released_7b_trees_plan_exactly_onto_the_7b_lapa_model():
+    """The expected LAPA-7B params tree and the released VQGAN tree (tiny_config.json) fill the state dict of the
+    7B LAPAForActionPrediction (built on the meta device) with no missing, unexpected or mis-shaped tensor."""
+    from modeling_lapa.convert_lapa_jax import (LAPA_7B_CONFIG, check_lapa_plan, conversion_plan, lapa_config_for,
+                                                vqgan_targets)
+    from modeling_lapa.modeling_lwm import LWMConfig
+
+    params = {tuple(e["key"]): tuple(e["shape"]) for e in SPEC["delta"]["real_LAPA_7B_expected_param_tree"]["tree"]}
+    lwm = LWMConfig(**LAPA_7B_CONFIG)
+    vqgan_config, _, vqgan_part = vqgan_targets(SPEC["vqgan"]["real_param_tree"])
+    config = lapa_config_for(lwm, vqgan_config)
+    skeleton = check_lapa_plan(vqgan_part + conversion_plan(params, lwm, prefix="backbone."), config)
+    assert config.num_image_tokens == 256 and config.image_token_id == 32000 + 8194
+    assert (config.latent_token_offset, config.num_action_bins) == (32000 + 8448, 0)
+    n_backbone = sum(p.numel() for p in skeleton.backbone.parameters())
+    n_vqgan = sum(p.numel() for p in skeleton.vqgan.parameters())
+    assert (n_backbone, n_vqgan) == (SPEC["delta"]["real_LAPA_7B_expected_param_tree"]["n_params"], 146244675)
