@@ -202,7 +202,9 @@ class LAPAConfig(PretrainedConfig):
                 f"{vision.stop}) and not end-of-frame/end-of-vision)"
             )
         if codes > lwm.end_of_frame_code:
-            raise ValueError(f"the VQGAN's {codes} codes overlap the vision markers (end-of-frame {lwm.end_of_frame_code})")
+            raise ValueError(
+                f"the VQGAN's {codes} codes overlap the vision markers (end-of-frame {lwm.end_of_frame_code})"
+            )
 
     @classmethod
     def from_processor(cls, backbone_config: PretrainedConfig, processor, **kwargs) -> "LAPAConfig":

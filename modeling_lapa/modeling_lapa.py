@@ -56,7 +56,10 @@ class LAPAOutput(ModelOutput):
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
-    """Position ids of a left-padded batch: 0 at each row's first real token (pads get 0 too)."""
+    """Position ids of a left-padded batch: 0 at each row's first real token (pads get 0 too).
+
+    The LWM authors' sampler gives pads -1 instead (their RoPE table wraps it to the last row); real tokens get the
+    same positions either way, and pad rows are masked out as keys, so only the meaningless pad outputs differ."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -173,7 +176,8 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         image_id, count = self.config.image_token_id, self.config.num_image_tokens
         if input_ids is None:
             if pixel_values is not None:
-                raise ValueError("the lwm family reads images as tokens: pass input_ids (not inputs_embeds) with images")
+                raise ValueError("the lwm family reads images as tokens: pass input_ids (not inputs_embeds) with "
+                                 "images")
             return input_ids
         placeholders = input_ids == image_id
         if pixel_values is not None and not placeholders.any() and past_key_values is not None \
@@ -188,7 +192,8 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
                              f"{tuple(pixel_values.shape)}")
         per_row = placeholders.sum(dim=1)
         if (per_row != count).any():
-            raise ValueError(f"every row needs exactly {count} image placeholders (id {image_id}), got {per_row.tolist()}")
+            raise ValueError(f"every row needs exactly {count} image placeholders (id {image_id}), got "
+                             f"{per_row.tolist()}")
         ids = input_ids.clone()
         ids[placeholders] = self.image_token_ids(pixel_values).to(ids.device).reshape(-1)
         return ids

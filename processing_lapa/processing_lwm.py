@@ -22,7 +22,6 @@ vocabulary the VQGAN never emits); `LAPAForActionPrediction` replaces them with 
 
 from __future__ import annotations
 
-from .image_processing_lwm import LWMImageProcessor  # noqa: F401  (saved with the processor's remote code)
 from .processing_lapa import LAPAProcessor
 
 LWM_PROMPT_TEMPLATE = (
@@ -93,7 +92,8 @@ class LWMProcessor(LAPAProcessor):
     def _locate_special_tokens(self) -> tuple[int, int, int]:
         """(image placeholder id, `<latent_0>` id, `<action_0>` id) in the combined vocabulary, by offset."""
         latent_offset = self.text_vocab_size + self.vision_vocab_size
-        return self.vision_token_offset + self.end_of_vision_code + 1, latent_offset, latent_offset + self.num_latent_codes
+        image_placeholder = self.vision_token_offset + self.end_of_vision_code + 1
+        return image_placeholder, latent_offset, latent_offset + self.num_latent_codes
 
     @property
     def vision_token_offset(self) -> int:

@@ -27,7 +27,7 @@ from modeling_lapa.convert_lwm_vqgan import load_vqgan_pickle, vqgan_state_dict_
 from modeling_lapa.modeling_lapa import LAPAForActionPrediction, positions_from_mask
 from modeling_lapa.modeling_lwm import official_position_ids, official_to_combined_ids
 from modeling_lapa.vqgan_lwm import lwm_preprocess
-from processing_lapa import LWMProcessor, llama_tokenizer_from_sentencepiece
+from processing_lapa import LWMProcessor
 from processing_lapa.processing_lwm import LWM_LATENT_SUFFIX, LWM_PROMPT_TEMPLATE
 
 from conftest import FIXTURES, REPO_ROOT
@@ -315,3 +315,34 @@ def test_the_released_7b_trees_plan_exactly_onto_the_7b_lapa_model():
     n_backbone = sum(p.numel() for p in skeleton.backbone.parameters())
     n_vqgan = sum(p.numel() for p in skeleton.vqgan.parameters())
     assert (n_backbone, n_vqgan) == (SPEC["delta"]["real_LAPA_7B_expected_param_tree"]["n_params"], 146244675)
+
+
+def test_lwm_processor_targets_round_trip_and_inputs(model, vqgan_golden, tmp_path):
+    from transformers import AutoProcessor
+
+    processor = model.processor
+    image = vqgan_golden["image_nonsquare_uint8"]
+    batch = processor(images=[image, image], text=[INSTRUCTION, "open the drawer"],
+                      latent_codes=np.array([[3, 1, 0, 7], [0, 0, 5, 2]]))
+    offset = model.config.latent_token_offset
+    assert batch["input_ids"][:, -4:].tolist() == [[offset + 3, offset + 1, offset + 0, offset + 7],
+                                                   [offset, offset, offset + 5, offset + 2]]
+    assert torch.equal(batch["labels"][:, -4:], batch["input_ids"][:, -4:]) and batch["labels"][:, :-4].eq(-100).all()
+    assert processor.decode_latent_actions(batch["input_ids"][:, -4:]).tolist() == [[3, 1, 0, 7], [0, 0, 5, 2]]
+    loss = model(**batch).loss  # the block loss over the 8 latent rows
+    assert torch.isfinite(loss) and loss > 0
+    with pytest.raises(ValueError, match="agree with the targets"):
+        processor(images=image, text=INSTRUCTION, latent_codes=np.array([[1, 2, 3, 4]]), task="action")
+    # float [0, 1] and torch channels-first inputs give the uint8 image's pixels
+    pixels = processor.image_processor(image)["pixel_values"]
+    assert torch.equal(processor.image_processor(image.astype(np.float32) / 255.0)["pixel_values"], pixels)
+    assert torch.equal(processor.image_processor(torch.from_numpy(image).permute(2, 0, 1))["pixel_values"], pixels)
+    processor.save_pretrained(tmp_path / "processor")
+    reloaded = AutoProcessor.from_pretrained(tmp_path / "processor")
+    settings = ("num_latent_codes", "latent_sequence_length", "num_action_bins", "num_image_tokens", "text_vocab_size",
+                "vision_vocab_size", "end_of_vision_code", "prompt_template", "num_bos", "latent_prompt_suffix")
+    assert type(reloaded) is LWMProcessor
+    assert all(getattr(reloaded, name) == getattr(processor, name) for name in settings)
+    again = reloaded(images=[image, image], text=[INSTRUCTION, "open the drawer"],
+                     latent_codes=np.array([[3, 1, 0, 7], [0, 0, 5, 2]]))
+    assert all(torch.equal(again[k], batch[k]) for k in batch)
