@@ -139,8 +139,12 @@ def test_every_head_matches_the_authors_fp32_logits_at_every_unpadded_position(m
     for name, key in (("text", "text_logits"), ("vision", "vision_logits"), ("latent", "delta_logits")):
         expected = torch.from_numpy(golden[key][0][real.numpy()])
         torch.testing.assert_close(heads[name], expected, rtol=0, atol=ATOL, msg=name)
-    # the authors' positions (pads -1, wrapping to the table's last row) change only the meaningless pad rows
+    # the authors' positions (pads -1, wrapping to the table's last row) change only the meaningless pad rows, and
+    # their padding to 128 text tokens is the same as none (our processor pads to the longest prompt)
     torch.testing.assert_close(official[0, real], logits[0, real], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        unpadded = model(input_ids=ids[:, real], attention_mask=mask[:, real]).logits
+    torch.testing.assert_close(unpadded[0], logits[0, real], rtol=0, atol=1e-5)
     assert torch.equal(positions_from_mask(mask)[0, real], official_position_ids(mask)[0, real])
 
 
