@@ -320,10 +320,12 @@ class VLACollator:
         return dict(inputs)
 
 
-def majority_accuracy(train_targets: np.ndarray, eval_targets: np.ndarray) -> float:
-    """Accuracy of predicting, at every target position, the most frequent training token of that position."""
+def majority_accuracy(train_targets: np.ndarray, eval_targets: np.ndarray, per_position: bool = False):
+    """Accuracy of predicting, at every target position, the most frequent training token of that position (per
+    position with `per_position`)."""
     majority = np.array([np.bincount(column).argmax() for column in train_targets.T])
-    return float((eval_targets == majority[None, :]).mean())
+    hits = eval_targets == majority[None, :]
+    return hits.mean(axis=0).round(4).tolist() if per_position else float(hits.mean())
 
 
 @torch.no_grad()
@@ -364,6 +366,7 @@ def evaluate(model, processor, frames, c: VLATrainingConfig, dataset: str | None
         "token_accuracy": correct / max(tokens, 1),
         "token_accuracy_per_position": (per_position / count).round(4).tolist(),
         "majority_baseline_accuracy": majority_accuracy(train_targets, eval_targets),
+        "majority_baseline_accuracy_per_position": majority_accuracy(train_targets, eval_targets, per_position=True),
     }
     if c.target == "action":
         majority = np.array([np.bincount(column).argmax() for column in train_targets.T])
