@@ -126,11 +126,11 @@ def check_some_tensors(params: Path, output: Path, config_values: dict, prefix: 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--shard-sizes", nargs="+", default=["2GB", "500MB"])
+    parser.add_argument("--layers", type=int, default=32, help="transformer layers of the synthetic model (7B: 32)")
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size (7B: 4096; 2048 keeps the stream at ~3.4 GiB)")
+    parser.add_argument("--intermediate", type=int, default=5632, help="MLP width (7B: 11008)")
+    parser.add_argument("--heads", type=int, default=16, help="attention heads")
+    parser.add_argument("--shard-sizes", nargs="+", default=["2GB", "500MB"], help="safetensors shard sizes to measure")
     parser.add_argument("--workdir", default=None, help="where to write the stream and outputs (default: a temp dir)")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"
                                                 / "convert_lapa_jax_memory.json"))
