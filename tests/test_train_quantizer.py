@@ -176,3 +176,18 @@ def test_two_sources_are_mixed_in_training_and_evaluated_each_on_its_own(tmp_pat
     for i, metrics in enumerate(final["sources"].values()):
         assert metrics["num_episodes"] == 2 and metrics["probes"]["available"]
         assert (tmp_path / "mixed" / "eval" / "step-0000004" / f"source-{i}" / "metrics.json").is_file()
+
+
+def test_replacement_stops_before_the_end_of_a_run_and_numbers_parse():
+    from training.train_quantizer import build_model
+
+    # The tiny preset stops replacing 500 steps before its end, so the final codebook has no code replaced too late
+    # to take pairs; the reference preset keeps the reference schedule (it ends at step 4500 of 100k).
+    tiny = resolve_config(["--dataset", "x", "--max-steps", "3000", "--learning-rate", "3e-4"])
+    assert tiny.learning_rate == 3e-4 and isinstance(tiny.learning_rate, float)  # YAML 1.1 would read a string
+    steps = build_model(tiny).config.replacement_steps
+    assert steps[-1] == 2500 and 3000 not in steps and steps[:3] == [10, 20, 30]
+    short = build_model(resolve_config(["--dataset", "x", "--max-steps", "1000"])).config.replacement_steps
+    assert short[-1] == 500
+    reference = resolve_config(["--dataset", "x", "--preset", "reference", "--model", "hidden_size=64"])
+    assert reference.replacement_cooldown_steps == 0

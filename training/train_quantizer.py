@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch training/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
+from modeling_lapa.configuration_lapa_quantizer import REFERENCE_REPLACEMENT_STEPS  # noqa: E402
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from training.settings import coerce_settings, parse_value  # noqa: E402
 
@@ -79,6 +80,10 @@ class QuantizerTrainingConfig:
     mixed_precision: str = "no"  # "no" or "bf16" (through Accelerate)
     gradient_checkpointing: bool = False
     max_steps: int = 100_000
+    # No codebook replacement in the last N steps: a code replaced at the very end has no time to take pairs, and
+    # the final model would carry it unused (the reference's schedule ends at step 4500 of 100k, so this never
+    # matters there).
+    replacement_cooldown_steps: int = 0
     seed: int = 0
     # checkpoints, evaluation, logging
     output_dir: str = "runs/quantizer"
@@ -106,6 +111,7 @@ TRAINING_PRESETS: dict[str, dict] = {
     "tiny": dict(
         model_preset="tiny", model={"codebook_per_slot": True, "replacement_noise": 0.1}, learning_rate=5e-4, adam_betas=[0.9, 0.99], weight_decay=0.0, max_grad_norm=0.5,
         batch_size=32, max_steps=3000, gap_seconds=0.6, save_every=250, eval_every=1000, log_every=25,
+        replacement_cooldown_steps=500,
     ),
 }
 
@@ -275,8 +281,14 @@ def build_model(c: QuantizerTrainingConfig) -> LAPAQuantizerModel:
         model = LAPAQuantizerModel.from_pretrained(c.init_from)
         for key, value in c.model.items():
             setattr(model.config, key, value)
-        return model
-    return LAPAQuantizerModel(LAPAQuantizerConfig.from_preset(c.model_preset, **c.model))
+    else:
+        model = LAPAQuantizerModel(LAPAQuantizerConfig.from_preset(c.model_preset, **c.model))
+    if c.replacement_cooldown_steps:
+        last = c.max_steps - c.replacement_cooldown_steps
+        schedule = model.config.replacement_steps
+        schedule = list(schedule if schedule is not None else REFERENCE_REPLACEMENT_STEPS)
+        model.config.replacement_steps = [step for step in schedule if step <= last]
+    return model
 
 
 def _trackers(c: QuantizerTrainingConfig):
