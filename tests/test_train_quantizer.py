@@ -65,7 +65,8 @@ def test_settings_resolve_defaults_preset_file_then_command_line(tmp_path):
     c = resolve_config(["--config", str(tmp_path / "c.yaml"), "--batch-size", "7", "--model", "num_heads=2"])
     assert c.learning_rate == 2e-4 and c.batch_size == 7
     # the file's and the command line's model settings add to the tiny preset's
-    assert c.model == {"codebook_per_slot": True, "replacement_noise": 0.1, "hidden_size": 64, "num_heads": 2}
+    assert c.model == {"codebook_per_slot": True, "replacement_noise": 0.1, "replacement_min_share": 0.03,
+                       "hidden_size": 64, "num_heads": 2}
     assert resolve_config(["--preset", "reference", "--dataset", "d"]).model == {}  # the reference stays the reference
     assert c.model_preset == "tiny" and c.dataset == ["a"]
     c = resolve_config(["--dataset", "a", "--adam-betas", "[0.8, 0.9]", "--mixed-precision", "bf16"])
