@@ -50,7 +50,8 @@ def dataset(tmp_path_factory):
 def run_config(tmp_path, dataset, **overrides):
     settings = dict(dataset=[str(dataset)], model=TINY_MODEL, batch_size=8, max_steps=12, save_every=4, eval_every=100,
                     log_every=4, gap_seconds=0.2, holdout_episodes=2, learning_rate=1e-3, eval_max_pairs=64,
-                    probe_train_pairs=64, eval_batch_size=32, report_to="none", seed=3)
+                    probe_train_pairs=64, eval_batch_size=32, report_to="none", seed=3,
+                    replacement_cooldown_steps=0)  # these short runs test replacement itself
     settings.update(overrides)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(settings))
