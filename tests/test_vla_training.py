@@ -193,3 +193,25 @@ def test_a_pretrained_backbone_folder_is_wrapped_with_new_tokens(dataset, tmp_pa
                                      model.vision_encoder.state_dict().values()):
         assert torch.equal(before, after), name
     assert model.get_input_embeddings().weight.shape[0] == old_rows.shape[0] + 8 + 256
+
+
+def test_two_process_pretraining_under_accelerate_launch(dataset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29583",
+           str(REPO_ROOT / "training" / "pretrain.py"), *common(dataset, out, 4), "--save-every", "2", "--eval-every", "100"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out / "model" / "training_config.json").read_text())
+    assert record["world_size"] == 2 and record["effective_batch_size"] == 16
+    assert (out / "checkpoints" / "step-0000004" / "rank-1.pt").is_file()
+    model = AutoModel.from_pretrained(out / "model")
+    assert model.predict_latent_actions(np.broadcast_to(COLOURS[1], (1, 16, 16, 3)).copy(), TASKS[1]).shape == (1, 4)
