@@ -130,9 +130,10 @@ class LWMVQGANConfig(PretrainedConfig):
         if not channel_mult or min(channel_mult) < 1:
             raise ValueError(f"`channel_mult` must be a non-empty list of positive ints, got {channel_mult}.")
         if attn_resolutions or not no_attn_mid_block:
-            raise NotImplementedError(
-                "LWMVQGANConfig: attention blocks (attn_resolutions / no_attn_mid_block=False) are not implemented; "
-                "LWM's released VQGAN has none (attn_resolutions=(), no_attn_mid_block=True)."
+            # Out of scope, not missing: LWM's VQGAN (the one LAPA-7B reads) has no attention blocks.
+            raise ValueError(
+                "LWMVQGANConfig: unsupported VQGAN variant with attention blocks (attn_resolutions / "
+                "no_attn_mid_block=False); LWM's VQGAN has none (attn_resolutions=(), no_attn_mid_block=True)."
             )
         widths = [hidden_channels * m for m in channel_mult]
         bad = [w for w in widths if w % norm_num_groups]
@@ -184,7 +185,8 @@ class LWMVQGANConfig(PretrainedConfig):
             return shapes[key]
 
         if any("Attn" in k for k in shapes):
-            raise NotImplementedError("this VQGAN has attention blocks, which LWMVQGANModel does not implement.")
+            raise ValueError("unsupported VQGAN: its param tree has attention blocks; LWMVQGANModel is LWM's "
+                             "attention-free VQGAN (the one LAPA-7B uses).")
         hidden = need("encoder/Conv_0/kernel")[-1]
         levels = 0
         while f"encoder/DownsamplingBlock_{levels}/ResnetBlock_0/Conv_0/kernel" in shapes:

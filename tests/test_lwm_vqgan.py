@@ -294,3 +294,12 @@ def test_unpickler_refuses_a_hand_written_exec_pickle():
     data = b"cbuiltins\nexec\n(Vprint('pwned')\ntR."
     with pytest.raises(UnsafePickleError, match="builtins.exec"):
         loads_vqgan_pickle(data)
+
+
+def test_vqgan_variants_with_attention_are_refused_clearly():
+    from modeling_lapa.vqgan_lwm import LWMVQGANConfig
+
+    with pytest.raises(ValueError, match="unsupported VQGAN variant with attention blocks"):
+        LWMVQGANConfig(attn_resolutions=[16])
+    with pytest.raises(ValueError, match="unsupported VQGAN: its param tree has attention blocks"):
+        LWMVQGANConfig.from_param_shapes({"encoder/Conv_0/kernel": (3, 3, 3, 32), "encoder/mid/AttnBlock_0/q": (1,)})
