@@ -22,7 +22,6 @@ worker that owns it.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import OrderedDict
 from typing import Iterator
@@ -30,10 +29,9 @@ from typing import Iterator
 import datasets
 import numpy as np
 import torch
-from datasets.distributed import split_dataset_by_node
 
+from .episode_stream import stream_episodes
 from .errors import (
-    DataLayerError,
     EmptyEpisodeError,
     GapLongerThanEpisodeError,
     SkippedEpisode,
@@ -229,29 +227,6 @@ class FramePairDataset(torch.utils.data.Dataset):
 
 
 # -- streaming ---------------------------------------------------------------------------------------------
-def _generate_episode_pairs(
-    episode_shards: list[list[int]], pairs: FramePairDataset, shuffle: bool, seed: int
-) -> Iterator[dict]:
-    """Generator of `datasets.IterableDataset.from_generator`: `datasets` calls it once per shard.
-
-    A shard is a list of episodes; each is decoded once and its pairs are yielded in a permutation fixed by
-    (seed, episode), so that resuming from a state_dict (which re-runs the shard and skips what was already
-    yielded) yields exactly the pairs that were not.
-    """
-    for shard in episode_shards:
-        for episode_index in shard:
-            order = None
-            if shuffle:
-                order = np.random.default_rng([seed, episode_index]).permutation(pairs.num_pairs(episode_index))
-            try:
-                yield from pairs.iter_episode(episode_index, order=order, as_float=False)
-            except DataLayerError as error:
-                if not pairs.skip_corrupt:
-                    raise
-                # Logged from the worker that met it; pairs already yielded from the episode stay yielded.
-                logger.warning("streaming frame pairs: skipped episode %d: %s", episode_index, error)
-
-
 def _pixels_to_float(item: dict) -> dict:
     item["pixel_values"] = item["pixel_values"].float().div_(255.0)
     return item
@@ -307,24 +282,11 @@ def make_streaming_frame_pairs(
         )
     if not pairs.episode_indices:
         raise ValueError(f"no episode to stream (skipped: {len(pairs.skipped)})")
-    dataset = datasets.IterableDataset.from_generator(
-        _generate_episode_pairs,
-        gen_kwargs={
-            "episode_shards": [[episode_index] for episode_index in pairs.episode_indices],
-            "pairs": pairs,
-            "shuffle": shuffle,
-            "seed": seed,
-        },
+    dataset = stream_episodes(
+        pairs, count_method="num_pairs", iter_kwargs={"as_float": False}, what="frame pairs", shuffle=shuffle,
+        seed=seed, shuffle_buffer_size=shuffle_buffer_size, interleave_episodes=interleave_episodes, rank=rank,
+        world_size=world_size,
     )
-    if shuffle:
-        shuffle_kwargs = {"seed": seed, "buffer_size": shuffle_buffer_size or 1}
-        if "max_buffer_input_shards" in inspect.signature(datasets.IterableDataset.shuffle).parameters:
-            shuffle_kwargs["max_buffer_input_shards"] = max(1, interleave_episodes)
-        dataset = dataset.shuffle(**shuffle_kwargs)
-    if world_size is not None:
-        if rank is None:
-            raise ValueError("pass rank together with world_size")
-        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     if pairs.output == "float":
         # Converted after the shuffle buffer, which then holds uint8 pixels (4x less memory).
         dataset = dataset.map(_pixels_to_float)

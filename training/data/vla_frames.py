@@ -25,7 +25,6 @@ decodes each episode once in the process that owns its shard.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import OrderedDict
 from typing import Iterator
@@ -33,9 +32,9 @@ from typing import Iterator
 import datasets
 import numpy as np
 import torch
-from datasets.distributed import split_dataset_by_node
 
-from .errors import DataLayerError, EmptyEpisodeError, SkippedEpisode, log_skip_summary, skipped_from_error
+from .episode_stream import stream_episodes
+from .errors import EmptyEpisodeError, SkippedEpisode, log_skip_summary, skipped_from_error
 
 logger = logging.getLogger(__name__)
 
@@ -320,29 +319,6 @@ class VLAFrameDataset(torch.utils.data.Dataset):
 
 
 # -- streaming ---------------------------------------------------------------------------------------------
-def _generate_episode_frames(
-    episode_shards: list[list[int]], frames: VLAFrameDataset, shuffle: bool, seed: int
-) -> Iterator[dict]:
-    """Generator of `datasets.IterableDataset.from_generator`: `datasets` calls it once per shard.
-
-    A shard is a list of episodes; each is decoded once and its frames are yielded in a permutation fixed by
-    (seed, episode), so that resuming from a state_dict (which re-runs the shard and skips what was already
-    yielded) yields exactly the frames that were not.
-    """
-    for shard in episode_shards:
-        for episode_index in shard:
-            order = None
-            if shuffle:
-                order = np.random.default_rng([seed, episode_index]).permutation(frames.num_frames(episode_index))
-            try:
-                yield from frames.iter_episode(episode_index, order=order, as_numpy=True)
-            except DataLayerError as error:
-                if not frames.skip_corrupt:
-                    raise
-                # Logged from the worker that met it; frames already yielded from the episode stay yielded.
-                logger.warning("streaming VLA frames: skipped episode %d: %s", episode_index, error)
-
-
 def make_streaming_vla_frames(
     source_or_dataset,
     *,
@@ -388,25 +364,11 @@ def make_streaming_vla_frames(
         raise ValueError(
             f"no episode to stream (unlabelled: {len(frames.unlabelled_episodes)}, skipped: {len(frames.skipped)})"
         )
-    dataset = datasets.IterableDataset.from_generator(
-        _generate_episode_frames,
-        gen_kwargs={
-            "episode_shards": [[episode_index] for episode_index in frames.episode_indices],
-            "frames": frames,
-            "shuffle": shuffle,
-            "seed": seed,
-        },
+    return stream_episodes(
+        frames, count_method="num_frames", iter_kwargs={"as_numpy": True}, what="VLA frames", shuffle=shuffle,
+        seed=seed, shuffle_buffer_size=shuffle_buffer_size, interleave_episodes=interleave_episodes, rank=rank,
+        world_size=world_size,
     )
-    if shuffle:
-        shuffle_kwargs = {"seed": seed, "buffer_size": shuffle_buffer_size or 1}
-        if "max_buffer_input_shards" in inspect.signature(datasets.IterableDataset.shuffle).parameters:
-            shuffle_kwargs["max_buffer_input_shards"] = max(1, interleave_episodes)
-        dataset = dataset.shuffle(**shuffle_kwargs)
-    if world_size is not None:
-        if rank is None:
-            raise ValueError("pass rank together with world_size")
-        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-    return dataset
 
 
 # -- batching ----------------------------------------------------------------------------------------------
