@@ -7,6 +7,8 @@ therefore parsed as int, then float, then YAML, and each setting is checked agai
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from pathlib import Path
 
 import yaml
 
@@ -36,3 +38,57 @@ def coerce_settings(settings: dict, config_class) -> dict:
                 raise ValueError(f"setting {name!r} must be a number, got {value!r}")
             result[name] = float(parsed) if isinstance(default, float) else parsed
     return result
+
+
+def unknown_key_error(keys, field_names: list[str], where: str) -> ValueError:
+    """The error for settings no field has, with the closest valid name suggested for each."""
+    hints = []
+    for key in keys:
+        close = difflib.get_close_matches(key, field_names, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ValueError(f"Unknown setting(s) in {where}: {', '.join(hints)}. Valid settings: {', '.join(field_names)}.")
+
+
+def preset_and_file_settings(config_file: str | None, cli_preset: str | None, presets: dict, field_names: list[str],
+                             nested: str, default: str = "tiny") -> tuple[str, dict]:
+    """(preset name, preset settings updated by the YAML file's). The file may name a `preset`; unknown keys are
+    errors; the file's `nested` mapping (e.g. `model`) adds to the preset's instead of replacing it."""
+    file_settings: dict = {}
+    if config_file:
+        file_settings = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(file_settings, dict):
+            raise ValueError(f"{config_file} must hold a mapping of settings")
+    preset = cli_preset or file_settings.pop("preset", None) or default
+    file_settings.pop("preset", None)
+    if preset not in presets:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(presets)}")
+    unknown = sorted(set(file_settings) - set(field_names))
+    if unknown:
+        raise unknown_key_error(unknown, field_names, config_file)
+    settings = {**presets[preset], **file_settings}
+    settings[nested] = {**(presets[preset].get(nested) or {}), **(file_settings.get(nested) or {})}
+    return preset, settings
+
+
+def add_key_values(base: dict | None, items: list[str], flag: str) -> dict:
+    """`base` updated by command-line `KEY=VALUE` items (values parsed like any setting)."""
+    result = dict(base or {})
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        result[key] = parse_value(text)
+    return result
+
+
+def trackers(report_to: str):
+    """Accelerate's `log_with`: "auto" = TensorBoard when it is installed, "none" = no tracker."""
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401  (only: is it installed?)
+        except ImportError:
+            return None
+        return "tensorboard"
+    return report_to

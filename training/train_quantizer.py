@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -34,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch training/train_quantizer.py`
@@ -43,7 +41,9 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch training/
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
 from modeling_lapa.configuration_lapa_quantizer import REFERENCE_REPLACEMENT_STEPS  # noqa: E402
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from training.settings import coerce_settings, parse_value  # noqa: E402
+from training.settings import (  # noqa: E402
+    add_key_values, coerce_settings, parse_value, preset_and_file_settings, trackers,
+)
 
 logger = logging.getLogger("train_quantizer")
 
@@ -122,19 +122,6 @@ TRAINING_PRESETS: dict[str, dict] = {
 FIELD_NAMES = [f.name for f in dataclasses.fields(QuantizerTrainingConfig)]
 
 
-def _unknown_key_error(keys, where: str) -> ValueError:
-    hints = []
-    for key in keys:
-        close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return ValueError(f"Unknown setting(s) in {where}: {', '.join(hints)}. Valid settings: {', '.join(FIELD_NAMES)}.")
-
-
-def _parse_value(text: str):
-    """Command-line values: 3e-4 -> float, true -> bool, [0.9,0.99] -> list (see training/settings.py)."""
-    return parse_value(text)
-
-
 def resolve_config(argv: list[str] | None = None) -> QuantizerTrainingConfig:
     """defaults <- preset <- YAML file <- command line."""
     parser = argparse.ArgumentParser(
@@ -154,37 +141,16 @@ def resolve_config(argv: list[str] | None = None) -> QuantizerTrainingConfig:
             parser.add_argument("--resume", action="store_true", default=None,
                                 help="continue from the latest checkpoint in --output-dir")
         else:
-            parser.add_argument(flag, default=None, type=_parse_value, metavar=f.name.upper(), help="(default from the preset)")
+            parser.add_argument(flag, default=None, type=parse_value, metavar=f.name.upper(), help="(default from the preset)")
     args = parser.parse_args(argv)
 
-    file_settings: dict = {}
-    if args.config:
-        file_settings = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(file_settings, dict):
-            raise ValueError(f"{args.config} must hold a mapping of settings")
-    preset = args.preset or file_settings.pop("preset", None) or "tiny"
-    file_settings.pop("preset", None)
-    if preset not in TRAINING_PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(TRAINING_PRESETS)}")
-    unknown = sorted(set(file_settings) - set(FIELD_NAMES))
-    if unknown:
-        raise _unknown_key_error(unknown, args.config)
-
-    settings = {**TRAINING_PRESETS[preset], **file_settings}
-    # A file's `model` overrides add to the preset's rather than replacing them.
-    settings["model"] = {**TRAINING_PRESETS[preset].get("model", {}), **(file_settings.get("model") or {})}
+    preset, settings = preset_and_file_settings(args.config, args.preset, TRAINING_PRESETS, FIELD_NAMES, nested="model")
     for name in FIELD_NAMES:
         value = getattr(args, name, None)
         if value is None:
             continue
         if name == "model":
-            overrides = dict(settings.get("model") or {})
-            for item in value:
-                if "=" not in item:
-                    raise ValueError(f"--model takes KEY=VALUE, got {item!r}")
-                key, text = item.split("=", 1)
-                overrides[key] = _parse_value(text)
-            value = overrides
+            value = add_key_values(settings.get("model"), value, "--model")
         settings[name] = value
     config = QuantizerTrainingConfig(**coerce_settings(settings, QuantizerTrainingConfig))
     _validate(config)
@@ -295,18 +261,6 @@ def build_model(c: QuantizerTrainingConfig) -> LAPAQuantizerModel:
     return model
 
 
-def _trackers(c: QuantizerTrainingConfig):
-    if c.report_to == "none":
-        return None
-    if c.report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401  (only: is it installed?)
-        except ImportError:
-            return None
-        return "tensorboard"
-    return c.report_to
-
-
 def train(c: QuantizerTrainingConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -318,7 +272,7 @@ def train(c: QuantizerTrainingConfig) -> dict:
         cpu=not torch.cuda.is_available(),
         mixed_precision=c.mixed_precision,
         gradient_accumulation_steps=c.gradient_accumulation_steps,
-        log_with=_trackers(c),
+        log_with=trackers(c.report_to),
         project_dir=str(output_dir),
     )
     main = accelerator.is_main_process

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 if __package__ in (None, ""):
@@ -33,7 +31,9 @@ if __package__ in (None, ""):
 
 from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config  # noqa: E402
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from training.settings import coerce_settings, parse_value  # noqa: E402
+from training.settings import (  # noqa: E402
+    add_key_values, coerce_settings, parse_value, preset_and_file_settings, trackers,
+)
 
 logger = logging.getLogger("vla_training")
 
@@ -129,14 +129,6 @@ FIELD_NAMES = [f.name for f in dataclasses.fields(VLATrainingConfig)]
 
 
 # ----------------------------------------------------------------------------------------------------- settings
-def _unknown_key_error(keys, where: str) -> ValueError:
-    hints = []
-    for key in keys:
-        close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return ValueError(f"Unknown setting(s) in {where}: {', '.join(hints)}. Valid settings: {', '.join(FIELD_NAMES)}.")
-
-
 def resolve_config(stage: str, argv: list[str] | None = None, description: str | None = None) -> VLATrainingConfig:
     """defaults <- preset <- YAML file <- command line (unknown keys are errors)."""
     presets = STAGE_PRESETS[stage]
@@ -159,31 +151,13 @@ def resolve_config(stage: str, argv: list[str] | None = None, description: str |
             parser.add_argument(flag, default=None, type=parse_value, metavar=f.name.upper(),
                                 help="(default from the preset)")
     args = parser.parse_args(argv)
-    file_settings: dict = {}
-    if args.config:
-        file_settings = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(file_settings, dict):
-            raise ValueError(f"{args.config} must hold a mapping of settings")
-    preset = args.preset or file_settings.pop("preset", None) or "tiny"
-    file_settings.pop("preset", None)
-    if preset not in presets:
-        raise ValueError(f"Unknown preset {preset!r} for {stage}; choose one of {sorted(presets)}")
-    unknown = sorted(set(file_settings) - set(FIELD_NAMES))
-    if unknown:
-        raise _unknown_key_error(unknown, args.config)
-    settings = {**presets[preset], **file_settings}
+    preset, settings = preset_and_file_settings(args.config, args.preset, presets, FIELD_NAMES, nested="tiny")
     for name in FIELD_NAMES:
         value = getattr(args, name, None)
         if value is None:
             continue
         if name == "tiny":
-            sizes = dict(settings.get("tiny") or {})
-            for item in value:
-                if "=" not in item:
-                    raise ValueError(f"--tiny takes KEY=VALUE, got {item!r}")
-                key, text = item.split("=", 1)
-                sizes[key] = parse_value(text)
-            value = sizes
+            value = add_key_values(settings.get("tiny"), value, "--tiny")
         settings[name] = value
     config = VLATrainingConfig(**coerce_settings(settings, VLATrainingConfig))
     validate_config(config)
@@ -379,18 +353,6 @@ def evaluate(model, processor, frames, c: VLATrainingConfig, dataset: str | None
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def _trackers(c: VLATrainingConfig):
-    if c.report_to == "none":
-        return None
-    if c.report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            return None
-        return "tensorboard"
-    return c.report_to
-
-
 def _lr_lambda(c: VLATrainingConfig):
     def factor(step: int) -> float:
         if c.warmup_steps and step < c.warmup_steps:
@@ -410,7 +372,7 @@ def train(c: VLATrainingConfig) -> dict:
 
     output_dir = Path(c.output_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c.mixed_precision,
-                              gradient_accumulation_steps=c.gradient_accumulation_steps, log_with=_trackers(c),
+                              gradient_accumulation_steps=c.gradient_accumulation_steps, log_with=trackers(c.report_to),
                               project_dir=str(output_dir))
     main = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
