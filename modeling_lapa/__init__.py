@@ -17,7 +17,7 @@ from .modeling_lapa_quantizer import (
     LAPAQuantizerOutput,
     LAPAQuantizerPreTrainedModel,
 )
-from .vqgan_lwm import LWMVQGANConfig, LWMVQGANModel, LWMVQGANOutput, LWMVQGANPreTrainedModel, lwm_preprocess
+from .vqgan_lwm import LWMVQGANConfig, LWMVQGANModel, LWMVQGANOutput, LWMVQGANPreTrainedModel
 
 AutoConfig.register(LAPAQuantizerConfig.model_type, LAPAQuantizerConfig, exist_ok=True)
 AutoConfig.register(LAPAConfig.model_type, LAPAConfig, exist_ok=True)
@@ -50,5 +50,4 @@ __all__ = [
     "LWMVQGANModel",
     "LWMVQGANOutput",
     "LWMVQGANPreTrainedModel",
-    "lwm_preprocess",
 ]

@@ -31,8 +31,8 @@ The module names mirror the Flax tree (`encoder.down.{level}.block.{i}`, `decode
 order, i.e. `up.0` is the deepest level, as `UpsamplingBlock_0`); `convert_lwm_vqgan.py` maps a Flax param tree
 onto them. Tensors are NCHW as usual in PyTorch; the Flax code is NHWC.
 
-`lwm_preprocess` is the official image preprocessing (albumentations LongestMaxSize + Resize with cv2 INTER_LINEAR
-on uint8, reproduced bit for bit in NumPy, then x / 127.5 - 1), so that no OpenCV dependency is needed.
+The official image preprocessing (albumentations LongestMaxSize + Resize with cv2 INTER_LINEAR on uint8, reproduced
+bit for bit in NumPy, then x / 127.5 - 1) is the processor's job: `processing_lapa.LWMImageProcessor`.
 
 diffusers' `VQModel` (DownEncoderBlock2D/UpDecoderBlock2D, `mid_block_add_attention=False`, block_out_channels
 (128, 256, 256, 512, 768), 64 latent channels, 8192 codes) has the same layer graph, but its quantizer measures
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -438,7 +437,7 @@ class LWMVQGANPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
 class LWMVQGANModel(LWMVQGANPreTrainedModel):
     """LWM's VQGAN: `encode` turns images into codebook indices, `decode` turns indices into images.
 
-    Pixels are NCHW floats in [-1, 1] (`lwm_preprocess` makes them from uint8 images the official way); 5-D input
+    Pixels are NCHW floats in [-1, 1] (`processing_lapa.LWMImageProcessor` makes them from images the official way); 5-D input
     (B, T, C, H, W) is encoded frame by frame like the official code's video path.
 
     Example:
@@ -465,7 +464,7 @@ class LWMVQGANModel(LWMVQGANPreTrainedModel):
         c = self.config
         if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
             raise TypeError(
-                "`pixel_values` must be a float tensor (B, 3, H, W) in [-1, 1] (use lwm_preprocess on uint8 images)."
+                "`pixel_values` must be a float tensor (B, 3, H, W) in [-1, 1] (use processing_lapa.LWMImageProcessor on images)."
             )
         if pixel_values.ndim != 4 or pixel_values.shape[1] != c.num_channels:
             raise ValueError(
@@ -559,102 +558,10 @@ class LWMVQGANModel(LWMVQGANPreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
 
-# ------------------------------------------------------------------------------------------ official preprocessing
-_RESIZE_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
-
-
-def _cv2_linear_taps(src: int, dst: int, clamp_weights: bool):
-    """OpenCV's INTER_LINEAR source indices and 11-bit fixed-point weights along one axis (resize.cpp):
-    f = (float)((d + 0.5) * scale - 0.5), s = floor(f), weights (1 - (f - s), f - s) rounded from float. Outside
-    the image the indices are clamped; the horizontal axis also resets the weights to (1, 0) there, the vertical
-    axis keeps them (both taps then read the same border row)."""
-    scale = 1.0 / (dst / src)
-    f = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-    s = np.floor(f).astype(np.int64)
-    f = (f - s.astype(np.float32)).astype(np.float32)
-    if clamp_weights:
-        outside = (s < 0) | (s >= src - 1)
-        f[outside] = 0.0
-        s = np.clip(s, 0, src - 1)
-    one = np.float32(1 << _RESIZE_COEF_BITS)
-    w0 = np.rint((np.float32(1.0) - f) * one).astype(np.int64)
-    w1 = np.rint(f * one).astype(np.int64)
-    return np.clip(s, 0, src - 1), np.clip(s + 1, 0, src - 1), w0, w1
-
-
-def resize_uint8_like_cv2(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """`cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)` for uint8 (H, W, C) images,
-    reproduced bit for bit in NumPy: the 11-bit fixed-point horizontal pass, then the vertical pass as OpenCV's
-    vector kernel computes it, (((S0 >> 4) * b0 >> 16) + ((S1 >> 4) * b1 >> 16) + 2) >> 2; an exact 2x downscale
-    takes OpenCV's area fast path (rounded mean of each 2 x 2 block), as cv2 does. Checked equal to
-    opencv-python-headless 4.10 and 5.0 on 300 random sizes (up- and downscaling, odd widths)."""
-    if image.dtype != np.uint8 or image.ndim != 3:
-        raise ValueError(f"expected a uint8 (H, W, C) image, got {image.dtype} {image.shape}.")
-    src_h, src_w, channels = image.shape
-    if (src_h, src_w) == (height, width):
-        return image.copy()
-    src = image.astype(np.int64)
-    if src_h == 2 * height and src_w == 2 * width:
-        total = src[0::2, 0::2] + src[0::2, 1::2] + src[1::2, 0::2] + src[1::2, 1::2]
-        return ((total + 2) >> 2).astype(np.uint8)
-    x0, x1, a0, a1 = _cv2_linear_taps(src_w, width, clamp_weights=True)
-    y0, y1, b0, b1 = _cv2_linear_taps(src_h, height, clamp_weights=False)
-    rows = src[:, x0] * a0[None, :, None] + src[:, x1] * a1[None, :, None]  # (src_h, width, C), 11-bit fixed
-    s0, s1 = rows[y0] >> 4, rows[y1] >> 4
-    out = (((s0 * b0[:, None, None]) >> 16) + ((s1 * b1[:, None, None]) >> 16) + 2) >> 2
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def _as_uint8_hwc(image) -> np.ndarray:
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image
-        image = np.asarray(image.convert("RGB"))
-    elif isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise TypeError(f"lwm_preprocess takes uint8 RGB images (H, W, 3), got dtype {image.dtype}.")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"lwm_preprocess takes RGB images (H, W, 3), got shape {image.shape}.")
-    return image
-
-
-def lwm_resize(image, size: int = 256) -> np.ndarray:
-    """The official resize (LAPA's `DeltaSampler._process_frame`): albumentations `LongestMaxSize(size)` (longest
-    side to `size`, the other scaled and rounded half-to-even, cv2 INTER_LINEAR) then `Resize(size, size)` (cv2
-    INTER_LINEAR, stretching a non-square image), both on uint8. Returns uint8 (size, size, 3)."""
-    image = _as_uint8_hwc(image)
-    h, w = image.shape[:2]
-    scale = size / float(max(h, w))
-    if scale != 1.0:
-        image = resize_uint8_like_cv2(image, round(h * scale), round(w * scale))
-    return resize_uint8_like_cv2(image, size, size)
-
-
-def lwm_preprocess(image, size: int = 256) -> torch.Tensor:
-    """Official LWM / LAPA image preprocessing: `lwm_resize` then x / 127.5 - 1 as float32.
-
-    Args:
-        image: an RGB image as `PIL.Image`, or uint8 array / tensor `(H, W, 3)`; or a list of them.
-    Returns:
-        `torch.FloatTensor` `(3, size, size)` in [-1, 1] (`(N, 3, size, size)` for a list), NCHW for
-        [`LWMVQGANModel.encode`].
-    """
-    if isinstance(image, (list, tuple)):
-        return torch.stack([lwm_preprocess(im, size) for im in image])
-    # computed in float64 and rounded once to float32, like the official numpy code (bit-identical pixels)
-    pixels = (lwm_resize(image, size) / 127.5 - 1.0).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-
-
 __all__ = [
     "LWMVQGANConfig",
     "LWMVQGANModel",
     "LWMVQGANOutput",
     "LWMVQGANPreTrainedModel",
     "PRESETS",
-    "lwm_preprocess",
-    "lwm_resize",
-    "resize_uint8_like_cv2",
 ]

@@ -3,9 +3,8 @@
 The authors' sampler (`DeltaSampler._process_frame`) resizes uint8 frames with albumentations `LongestMaxSize(256)`
 then `Resize(256, 256)` (both cv2 INTER_LINEAR) and maps x -> x / 127.5 - 1. VQGAN codes are discrete, so a resize
 that differs in the last bit can change a code: the resize below reproduces OpenCV's fixed-point INTER_LINEAR
-exactly in NumPy (no OpenCV dependency). `modeling_lapa.vqgan_lwm.lwm_preprocess` is the same arithmetic for the
-model package; the two packages are saved as separate remote-code folders, so each carries its own copy (tested
-equal in tests/test_lapa_7b_folder.py).
+exactly in NumPy (no OpenCV dependency); tests check it against recorded OpenCV outputs and the authors' golden
+pixels.
 """
 
 from __future__ import annotations

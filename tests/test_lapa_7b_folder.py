@@ -26,8 +26,7 @@ from modeling_lapa.convert_lapa_jax import main
 from modeling_lapa.convert_lwm_vqgan import load_vqgan_pickle, vqgan_state_dict_from_params
 from modeling_lapa.modeling_lapa import LAPAForActionPrediction, positions_from_mask
 from modeling_lapa.modeling_lwm import official_position_ids, official_to_combined_ids
-from modeling_lapa.vqgan_lwm import lwm_preprocess
-from processing_lapa import LWMProcessor
+from processing_lapa import LWMImageProcessor, LWMProcessor
 from processing_lapa.processing_lwm import LWM_LATENT_SUFFIX, LWM_PROMPT_TEMPLATE
 
 from conftest import FIXTURES, REPO_ROOT
@@ -188,9 +187,11 @@ def test_processor_builds_the_authors_layout(model, golden, folder):
 
 
 def test_the_image_processor_is_the_official_preprocessing(model, vqgan_golden):
-    for key in ("image_square_uint8", "image_nonsquare_uint8"):
-        pixels = model.processor.image_processor(vqgan_golden[key])["pixel_values"]
-        assert torch.equal(pixels[0], lwm_preprocess(vqgan_golden[key]))
+    image_processor = model.processor.image_processor
+    pixels = image_processor(vqgan_golden["image_square_uint8"])["pixel_values"]
+    assert np.array_equal(pixels[0].permute(1, 2, 0).numpy(), vqgan_golden["pixels_square"][0])  # bit-identical
+    resized = image_processor.resize(vqgan_golden["image_nonsquare_uint8"])
+    assert np.array_equal(resized, vqgan_golden["image_nonsquare_resized_uint8"])
 
 
 # -- from pixels ----------------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_default_bf16_conversion_keeps_the_vqgan_in_float32(folder, vqgan_golden
     assert not (out / "processor_config.json").exists()  # no --tokenizer: the model alone
     model = AutoModel.from_pretrained(out, dtype=torch.bfloat16)
     assert model.backbone.dtype == torch.bfloat16 and model.vqgan.dtype == torch.float32 and model.processor is None
-    pixels = lwm_preprocess([vqgan_golden["image_square_uint8"]])
+    pixels = LWMImageProcessor()([vqgan_golden["image_square_uint8"]])["pixel_values"]
     offset = model.config.backbone_config.vision_token_offset
     assert (model.image_token_ids(pixels)[0] - offset).tolist() == vqgan_golden["codes_square"].tolist()
 

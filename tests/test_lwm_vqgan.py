@@ -33,13 +33,17 @@ from modeling_lapa.convert_lwm_vqgan import (
     vqgan_state_dict_from_params,
 )
 from modeling_lapa.loading import StrictLoadingError
-from modeling_lapa.vqgan_lwm import (
-    LWMVQGANConfig,
-    LWMVQGANModel,
-    lwm_preprocess,
-    lwm_resize,
-    resize_uint8_like_cv2,
-)
+from modeling_lapa.vqgan_lwm import LWMVQGANConfig, LWMVQGANModel
+from processing_lapa import LWMImageProcessor
+from processing_lapa.image_processing_lwm import cv2_linear_resize
+
+OFFICIAL = LWMImageProcessor()  # the authors' preprocessing: 256 px, x / 127.5 - 1
+
+
+def lwm_preprocess(images) -> torch.Tensor:
+    """(3, 256, 256) for one image, (N, 3, 256, 256) for a list."""
+    pixels = OFFICIAL(images)["pixel_values"]
+    return pixels if isinstance(images, (list, tuple)) else pixels[0]
 
 HERE = FIXTURES / "lapa_vla"
 PICKLE = HERE / "tiny_vqgan.pkl"
@@ -85,7 +89,7 @@ def test_golden_codes_are_exact_through_the_official_preprocessing(model, golden
     if which == "square":
         assert np.array_equal(pixels.permute(1, 2, 0).numpy(), golden["pixels_square"][0])  # bit-identical
     else:  # 240x320: LongestMaxSize(256) -> 192x256, then Resize(256, 256), both cv2 INTER_LINEAR on uint8
-        assert np.array_equal(lwm_resize(image), golden["image_nonsquare_resized_uint8"])
+        assert np.array_equal(OFFICIAL.resize(image), golden["image_nonsquare_resized_uint8"])
     with torch.no_grad():
         codes, quantized = model.encode(pixels[None])
         latents = model.encode_latents(pixels[None])
@@ -140,7 +144,7 @@ def test_resize_matches_recorded_cv2_outputs():
     assert n >= 7
     for i in range(n):
         image, expected = cases[f"in_{i}"], cases[f"out_{i}"]
-        assert np.array_equal(resize_uint8_like_cv2(image, *expected.shape[:2]), expected), (image.shape, expected.shape)
+        assert np.array_equal(cv2_linear_resize(image, *expected.shape[:2]), expected), (image.shape, expected.shape)
 
 
 def test_resize_matches_live_cv2_where_available():
@@ -150,13 +154,13 @@ def test_resize_matches_live_cv2_where_available():
         h, w, nh, nw = (int(v) for v in rng.integers(2, 300, 4))
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         expected = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-        assert np.array_equal(resize_uint8_like_cv2(image, nh, nw), expected), ((h, w), (nh, nw))
+        assert np.array_equal(cv2_linear_resize(image, nh, nw), expected), ((h, w), (nh, nw))
 
 
 def test_preprocess_inputs():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
-    out = lwm_preprocess([image, torch.from_numpy(image)])
+    out = lwm_preprocess([image, torch.from_numpy(image).permute(2, 0, 1)])  # numpy HWC, torch CHW
     assert out.shape == (2, 3, 256, 256) and torch.equal(out[0], out[1])
     assert out.min() >= -1 and out.max() <= 1
     from PIL import Image
@@ -165,9 +169,9 @@ def test_preprocess_inputs():
     # an exact 2x downscale takes cv2's area fast path: the rounded mean of each 2 x 2 block
     big = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
     means = (big.reshape(256, 2, 256, 2, 3).astype(int).sum((1, 3)) + 2) // 4
-    assert np.array_equal(lwm_resize(big), means)
-    with pytest.raises(TypeError, match="uint8"):
-        lwm_preprocess(image.astype(np.float32))
+    assert np.array_equal(OFFICIAL.resize(big), means)
+    with pytest.raises(ValueError, match="float images must hold finite values in"):
+        lwm_preprocess(image.astype(np.float32))  # 0..255 floats: not an image in [0, 1]
 
 
 # ------------------------------------------------------------------------------------- save / load and Auto classes
