@@ -216,23 +216,12 @@ class LAPAConfig(PretrainedConfig):
             if processor.vocab_size != backbone_config.vocab_size:
                 raise ValueError(f"the processor's vocabulary ({processor.vocab_size}) differs from the LWM backbone's "
                                  f"({backbone_config.vocab_size})")
-            return cls(
-                backbone_config=backbone_config,
-                num_latent_codes=processor.num_latent_codes,
-                latent_sequence_length=processor.latent_sequence_length,
-                num_action_bins=processor.num_action_bins,
-                latent_token_offset=processor.latent_token_offset,
-                action_token_offset=processor.action_token_offset,
-                image_token_id=processor.image_token_id,
-                num_image_tokens=processor.num_image_tokens,
-                pad_token_id=processor.tokenizer.pad_token_id,
-                **kwargs,
-            )
-        backbone_config = backbone_config.__class__.from_dict(backbone_config.to_dict())  # a copy
-        text = getattr(backbone_config, "text_config", None) or backbone_config
-        text.vocab_size = processor.vocab_size
-        text.pad_token_id = processor.tokenizer.pad_token_id
-        backbone_config.image_token_id = processor.image_token_id
+        else:
+            backbone_config = backbone_config.__class__.from_dict(backbone_config.to_dict())  # a copy
+            text = getattr(backbone_config, "text_config", None) or backbone_config
+            text.vocab_size = processor.vocab_size
+            text.pad_token_id = processor.tokenizer.pad_token_id
+            backbone_config.image_token_id = processor.image_token_id
         return cls(
             backbone_config=backbone_config,
             num_latent_codes=processor.num_latent_codes,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -29,7 +27,7 @@ from modeling_lapa.modeling_lwm import official_position_ids, official_to_combin
 from processing_lapa import LWMImageProcessor, LWMProcessor
 from processing_lapa.processing_lwm import LWM_LATENT_SUFFIX, LWM_PROMPT_TEMPLATE
 
-from conftest import FIXTURES, REPO_ROOT
+from conftest import FIXTURES, run_without_the_project
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -231,18 +229,7 @@ def test_remote_code_load_where_the_project_is_not_importable(folder, model, gol
     expected_codes = model.predict_latent_actions([vqgan_golden["image_nonsquare_uint8"]], INSTRUCTION)
     script = textwrap.dedent(
         f"""
-        import importlib.abc, json, sys
-
-        BLOCKED = ("processing_lapa", "modeling_lapa", "training", "hub_cards")
-
-        class BlockProject(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{{name}} is blocked: the saved folder must carry its own code")
-                return None
-
-        sys.meta_path.insert(0, BlockProject())
-        sys.path[:] = [p for p in sys.path if {str(REPO_ROOT)!r} not in p and p not in ("", ".")]
+        import json, sys  # BLOCKED and the import blocker come from run_without_the_project
         import numpy as np, torch
         from transformers import AutoModel
 
@@ -256,10 +243,7 @@ def test_remote_code_load_where_the_project_is_not_importable(folder, model, gol
         print(json.dumps({{"logits": logits.tolist(), "codes": codes.tolist()}}))
         """
     )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = run_without_the_project(script, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=0, atol=1e-6)

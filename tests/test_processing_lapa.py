@@ -3,8 +3,6 @@ remote-code loading. Everything is built in code at tiny sizes."""
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+from conftest import run_without_the_project
 from processing_lapa import (
     ActionTokenizer,
     LAPAImageProcessor,
@@ -21,7 +20,6 @@ from processing_lapa import (
 )
 
 NUM_IMAGE_TOKENS = 16
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -480,19 +478,7 @@ def test_remote_code_loads_where_the_project_is_not_importable(processor, tmp_pa
 
     script = textwrap.dedent(
         f"""
-        import importlib.abc, json, sys
-
-        BLOCKED = ("processing_lapa", "modeling_lapa", "training", "hub_cards")
-
-        class BlockProject(importlib.abc.MetaPathFinder):
-            # The editable install puts a finder on sys.meta_path; this one runs first and refuses the project.
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{{name}} is blocked: the saved folder must carry its own code")
-                return None
-
-        sys.meta_path.insert(0, BlockProject())
-        sys.path[:] = [p for p in sys.path if {REPO_ROOT!r} not in p and p not in ("", ".")]
+        import json, sys  # BLOCKED and the import blocker come from run_without_the_project
 
         import numpy as np
         from transformers import AutoProcessor
@@ -505,11 +491,7 @@ def test_remote_code_loads_where_the_project_is_not_importable(processor, tmp_pa
         print(json.dumps({{key: batch[key].tolist() for key in ("input_ids", "attention_mask", "labels")}}))
         """
     )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_without_the_project(script, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("input_ids", "attention_mask", "labels"):

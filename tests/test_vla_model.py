@@ -3,9 +3,6 @@
 Tiny random-init backbones of two families (LLaVA-style and Idefics3) built in code; nothing is downloaded."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -16,7 +13,7 @@ from transformers import AutoModel, AutoProcessor
 
 import modeling_lapa  # noqa: F401
 import processing_lapa  # noqa: F401
-from conftest import REPO_ROOT
+from conftest import run_without_the_project
 from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config
 from modeling_lapa.loading import StrictLoadingError
 from processing_lapa import LAPAImageProcessor, LAPAProcessor, build_tiny_tokenizer
@@ -203,18 +200,7 @@ def test_remote_code_load_where_the_project_is_not_importable(tmp_path):
     expected = model.predict_latent_actions(images(), INSTRUCTIONS, return_logits=True)[1]
     script = textwrap.dedent(
         f"""
-        import importlib.abc, json, sys
-
-        BLOCKED = ("processing_lapa", "modeling_lapa", "training", "hub_cards")
-
-        class BlockProject(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{{name}} is blocked: the saved folder must carry its own code")
-                return None
-
-        sys.meta_path.insert(0, BlockProject())
-        sys.path[:] = [p for p in sys.path if {str(REPO_ROOT)!r} not in p and p not in ("", ".")]
+        import json, sys  # BLOCKED and the import blocker come from run_without_the_project
         import numpy as np
         from transformers import AutoModel
 
@@ -225,10 +211,7 @@ def test_remote_code_load_where_the_project_is_not_importable(tmp_path):
         print(json.dumps(logits.tolist()))
         """
     )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = run_without_the_project(script, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
