@@ -124,7 +124,7 @@ def check_some_tensors(params: Path, output: Path, config_values: dict, prefix: 
     assert torch.equal(ours("lm_head.weight")[blocks["latent"]], index[("delta_head", "kernel")].torch().t())
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32, help="transformer layers of the synthetic model (7B: 32)")
     parser.add_argument("--hidden", type=int, default=2048, help="hidden size (7B: 4096; 2048 keeps the stream at ~3.4 GiB)")
@@ -134,10 +134,14 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="where to write the stream and outputs (default: a temp dir)")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"
                                                 / "convert_lapa_jax_memory.json"))
-    parser.add_argument("--vqgan", action="store_true",
+    parser.add_argument("--vqgan", action=argparse.BooleanOptionalAction, default=False,
                         help="also convert a released-size synthetic VQGAN (the complete LAPA folder)")
     parser.add_argument("--convert-only", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.convert_only:
         print(json.dumps(convert_in_this_process(*args.convert_only)))
         return 0

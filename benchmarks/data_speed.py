@@ -100,7 +100,7 @@ def timed(name: str, count_and_run) -> dict:
     return {"reader": name, "pairs": count, "seconds": seconds, "pairs_per_second": count / seconds}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", help="an existing LeRobot dataset folder (default: write a synthetic one)")
     parser.add_argument("--episodes", type=int, default=8)
@@ -113,7 +113,11 @@ def main() -> None:
     parser.add_argument("--seek-pairs", type=int, default=400, help="pairs read by the map-style seek reader")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the DataLoader rows")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "data_speed.json"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -122,7 +122,7 @@ def bench_preset(preset: str, *, episodes: int, frames_per_episode: int, batch_s
     return rows
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "reference"], choices=sorted(DEFAULTS))
     parser.add_argument("--episodes", type=int, default=None, help="episodes per dataset (default: per preset)")
@@ -131,7 +131,11 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="decoding workers to compare")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--output", default="benchmarks/results/label_speed.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

@@ -57,7 +57,7 @@ def bench_encode(model, pairs, steps, warmup):
     return pairs.shape[0] * steps / seconds, memory.mib, codes
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "reference"], choices=["tiny", "reference"])
     parser.add_argument("--batch-size", type=int, nargs="+", default=None,
@@ -65,7 +65,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: tiny 10, reference 2)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/results/quantizer_speed.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     default_batch = {"tiny": 32, "reference": 2}
     default_steps = {"tiny": 10, "reference": 2}

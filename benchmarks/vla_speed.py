@@ -252,7 +252,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="llava", choices=["llava", "idefics3"],
                         help="backbone family of the tiny model (default: llava, as the tiny training preset)")
@@ -281,7 +281,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, images and codes (default: 0)")
     parser.add_argument("--output", default="benchmarks/results/vla_speed.json",
                         help="where to write the JSON report (default: benchmarks/results/vla_speed.json)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)

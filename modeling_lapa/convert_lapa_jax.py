@@ -1,7 +1,9 @@
 """Convert the authors' released JAX VLA (LAPA-7B: `params`, `vqgan`, `tokenizer.model`) into our PyTorch model.
 
     python -m modeling_lapa.convert_lapa_jax --params params --vqgan vqgan --tokenizer tokenizer.model \
-        --output ./LAPA-7B [--config lapa-7b | config.json] [--dtype bfloat16] [--latent-sequence-length 4]
+        --output ./LAPA-7B --config lapa-7b --dtype bfloat16 --latent-sequence-length 4
+
+(`--config` takes `lapa-7b` or a config.json; the other options shown are the defaults.)
 
 With `--vqgan` the output is a complete `LAPAForActionPrediction` folder (backbone family "lwm"): config.json
 (LAPAConfig with the LWM backbone config and the VQGAN sub-config, `auto_map`), sharded safetensors holding
@@ -495,7 +497,7 @@ def _load_config(spec: str | None, rope_table_dtype: str | None) -> LWMConfig:
     return LWMConfig(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", required=True, help="the authors' streaming msgpack params file")
     parser.add_argument("--output", required=True, help="output folder")
@@ -513,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="RoPE table of the converted model: bfloat16 = the released model's (default for "
                              "lapa-7b), float32 = exact")
     parser.add_argument("--max-shard-size", default="2GB")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     config = _load_config(args.config, args.rope_table_dtype)
     if args.tokenizer and not args.vqgan:

@@ -187,7 +187,7 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, config_path: 
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="reference state_dict: .pt/.pth (weights only) or .safetensors")
     parser.add_argument("--output", required=True, help="output folder for save_pretrained")
@@ -197,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON of the reference constructor arguments (plain or under 'official_constructor_kwargs'); "
         "default: the released laq_openx.pt sizes",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         model = convert_checkpoint(args.checkpoint, args.output, args.config)
     except (CheckpointConversionError, FileNotFoundError, ValueError) as error:

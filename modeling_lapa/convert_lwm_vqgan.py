@@ -6,7 +6,7 @@ restricted unpickler that builds only plain containers (dict, list, tuple, ...) 
 through numpy's own reconstruction helpers; any other class or function named in the file is refused with
 `UnsafePickleError`, before anything is called.
 
-    python -m modeling_lapa.convert_lwm_vqgan --vqgan PATH/vqgan --output DIR [--preset released] [--check]
+    python -m modeling_lapa.convert_lwm_vqgan --vqgan PATH/vqgan --output DIR --preset released
 
 Python API: `load_vqgan_pickle`, `flatten_params`, `vqgan_key_map`, `vqgan_state_dict_from_params`,
 `model_from_params`, `convert_lwm_vqgan`.
@@ -295,13 +295,17 @@ def convert_lwm_vqgan(vqgan_path, output_dir=None, preset: str | None = None) ->
     return model
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vqgan", required=True, help="LWM / LAPA-7B pickled VQGAN params (the `vqgan` file)")
     parser.add_argument("--output", required=True, help="output folder for save_pretrained")
     parser.add_argument("--preset", choices=["released", "tiny"], default=None,
                         help="check the file against these sizes (default: read the sizes from the file)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     model = convert_lwm_vqgan(args.vqgan, args.output, preset=args.preset)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output}: LWMVQGANModel, {n:,} parameters, {model.config.num_embeddings} codes")

@@ -25,32 +25,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_lapa import BACKBONE_FAMILIES, LAPAConfig
 from .loading import StrictLoadingMixin
 from .modeling_lwm import LWMForCausalLM
+from .transformers_compat import accepts_either_cache_name, cache_kwargs, cache_of
 from .vqgan_lwm import LWMVQGANModel
 
 
 @dataclass
-class LAPAOutput(ModelOutput):
+class LAPAOutput(CausalLMOutputWithPast):
     """
+    The backbone's causal-LM output (its KV cache under the installed transformers' name for it: `cache` from 5.24
+    on, `past_key_values` before; see `transformers_compat`), plus:
+
     Args:
         loss (`torch.FloatTensor`, *optional*): mean cross-entropy over the target tokens, each a softmax over its
             own block (latent or action ids).
         logits (`torch.FloatTensor` (B, L', V)): next-token logits over the whole vocabulary. With labels, only the
             last L' positions (from the one before the first target to the end) are computed.
-        past_key_values: the backbone's KV cache.
         target_accuracy (`torch.FloatTensor`, *optional*): fraction of target tokens whose block argmax is right.
         num_target_tokens (`torch.LongTensor`, *optional*): number of target tokens in the batch.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     target_accuracy: torch.FloatTensor | None = None
     num_target_tokens: torch.LongTensor | None = None
 
@@ -171,7 +169,7 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         return codes.flatten(1) + self.config.backbone_config.vision_token_offset
 
     def _place_image_tokens(self, input_ids: torch.LongTensor | None, pixel_values: torch.Tensor | None,
-                            inputs_embeds: torch.Tensor | None, past_key_values=None) -> torch.LongTensor | None:
+                            inputs_embeds: torch.Tensor | None, cache=None) -> torch.LongTensor | None:
         """"lwm" family: write each image's code ids over its `num_image_tokens` placeholders in `input_ids`."""
         image_id, count = self.config.image_token_id, self.config.num_image_tokens
         if input_ids is None:
@@ -180,8 +178,7 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
                                  "images")
             return input_ids
         placeholders = input_ids == image_id
-        if pixel_values is not None and not placeholders.any() and past_key_values is not None \
-                and past_key_values.get_seq_length() > 0:
+        if pixel_values is not None and not placeholders.any() and cache is not None and cache.get_seq_length() > 0:
             pixel_values = None  # a decoding step of `generate`, which passes the pixels again: already read
         if pixel_values is None:
             if placeholders.any():
@@ -214,20 +211,21 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
             pixel_values = pixel_values.unsqueeze(1)  # one image per sample
         return pixel_values.to(self.dtype)
 
+    @accepts_either_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> LAPAOutput:
-        if position_ids is None and attention_mask is not None and past_key_values is None:
+        if position_ids is None and attention_mask is not None and cache is None:
             position_ids = positions_from_mask(attention_mask)[:, -(input_ids if input_ids is not None else inputs_embeds).shape[1]:]
         if labels is not None:
             # Targets sit at the end of every (left-padded) row: only the positions from the one before the first
@@ -241,17 +239,17 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
             logits_to_keep = labels.shape[1] - first + 1
         if self.config.backbone_family == "lwm":
             # LWM reads the image as VQGAN-code tokens: a plain causal LM call afterwards.
-            input_ids = self._place_image_tokens(input_ids, pixel_values, inputs_embeds, past_key_values)
+            input_ids = self._place_image_tokens(input_ids, pixel_values, inputs_embeds, cache)
         else:
             kwargs["pixel_values"] = self._images_for_backbone(pixel_values)
         outputs = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **cache_kwargs(cache),
             **kwargs,
         )
         logits = outputs.logits
@@ -262,7 +260,7 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
             targets = labels[:, labels.shape[1] - kept + 1:]
             loss, accuracy, count = self.block_loss(logits[:, :-1], targets)
         return LAPAOutput(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            loss=loss, logits=logits, **cache_kwargs(cache_of(outputs)),
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
             target_accuracy=accuracy, num_target_tokens=count,
         )
@@ -334,7 +332,7 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         positions = positions_from_mask(attention_mask)
         out = self(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                    position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = cache_of(out)
         next_position = positions[:, -1:] + 1
         chosen, step_logits = [], []
         for step in range(num_tokens):
@@ -354,8 +352,8 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
             out = self(input_ids=(pick + offset).unsqueeze(-1), attention_mask=attention_mask,
-                       position_ids=next_position, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+                       position_ids=next_position, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = cache_of(out)
             next_position = next_position + 1
         codes = torch.stack(chosen, dim=1)
         if return_logits:

@@ -289,7 +289,8 @@ class LAPAQuantizerNSVQ(nn.Module):
         self.project_out = nn.Linear(q, config.hidden_size)
         # Hits per code (per slot and code with per-slot codebooks) since the last replacement. A plain attribute,
         # not a buffer: it is not part of the weights (as in the reference), and DDP must not broadcast it from
-        # rank 0 (each rank counts its own hits; a replacement sums them across ranks).
+        # rank 0 (each rank counts its own hits; a replacement sums them across ranks). `from_pretrained` builds
+        # modules on the meta device, which leaves a plain attribute there: `_hits_on` makes a real one.
         self.code_hits = torch.zeros((s if self.per_slot else 1) * config.codebook_size, dtype=torch.float64)
 
     def encode_frame(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -341,10 +342,18 @@ class LAPAQuantizerNSVQ(nn.Module):
         noise_norm = noise.square().sum(dim=1, keepdim=True).sqrt()
         return latents + (residual_norm / noise_norm + 1e-12) * noise
 
+    def _hits_on(self, device) -> torch.Tensor:
+        """The hit counter on `device`: a fresh zero counter if it was left on the meta device by loading (a loaded
+        model has counted nothing yet)."""
+        if self.code_hits.is_meta:
+            self.code_hits = torch.zeros(self.code_hits.shape, dtype=torch.float64, device=device)
+        elif self.code_hits.device != torch.device(device):
+            self.code_hits = self.code_hits.to(device)
+        return self.code_hits
+
     def count_hits(self, codes: torch.Tensor) -> None:
         """Add a batch's codes (N,) (sample-major rows) to the hit counter."""
-        if self.code_hits.device != codes.device:
-            self.code_hits = self.code_hits.to(codes.device)
+        self._hits_on(codes.device)
         index = codes.flatten()
         if self.per_slot:
             index = self._row_slots(index.shape[0], index.device) * self.config.codebook_size + index
@@ -362,7 +371,7 @@ class LAPAQuantizerNSVQ(nn.Module):
         """
         device = self.codebook.device
         totals = torch.cat([
-            self.code_hits.to(device, torch.float64),
+            self._hits_on(device),
             torch.tensor([float(batch_size)], device=device, dtype=torch.float64),
         ])
         if torch.distributed.is_available() and torch.distributed.is_initialized():

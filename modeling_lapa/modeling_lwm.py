@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
 from .loading import StrictLoadingMixin
+from .transformers_compat import CACHE_NAME
 
 
 class LWMConfig(PretrainedConfig):
@@ -60,7 +61,7 @@ class LWMConfig(PretrainedConfig):
     """
 
     model_type = "lwm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]
 
     def __init__(
         self,
@@ -232,9 +233,9 @@ class LWMModel(LWMPreTrainedModel, LlamaModel):
 class LWMForCausalLM(LWMPreTrainedModel, LlamaForCausalLM):
     """LWM with one output matrix whose row blocks are the authors' heads (text, vision, latent, action).
 
-    `forward(input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep, ...)` returns a
-    `CausalLMOutputWithPast` with logits (B, L', vocab_size) over the combined vocabulary and a transformers
-    `Cache`. `input_ids` are combined ids (see `official_to_combined_ids` for the authors' per-vocabulary layout).
+    `forward(input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep, ...)` (LLaMA's; the cache is
+    `past_key_values` before transformers 5.24) returns a `CausalLMOutputWithPast` with logits (B, L', vocab_size)
+    over the combined vocabulary and a transformers `Cache`. `input_ids` are combined ids (see `official_to_combined_ids` for the authors' per-vocabulary layout).
     """
 
     _tied_weights_keys = {}

@@ -2,10 +2,12 @@
 # Set up a fresh machine for this project:
 #   1. system libraries for offscreen MuJoCo rendering (EGL) when they are missing (Debian/Ubuntu, as root);
 #   2. PyTorch 2.13.0 first (the CPU build on CPU machines), so that no dependency pulls another torch;
-#   3. this project, editable, with the extras given as the first argument (default: sim).
+#   3. this project, editable, with the extras given as the first argument (default: sim), every package at the
+#      exact version the tests passed on (requirements/lock.txt, written by scripts/refresh_lock.sh).
 #
-#   bash scripts/setup.sh            # project + Meta-World simulator
-#   bash scripts/setup.sh sim,dev    # + test tools
+#   bash scripts/setup.sh                  # project + Meta-World simulator
+#   bash scripts/setup.sh sim,dev          # + test tools
+#   LAPA_LOCK=0 bash scripts/setup.sh      # the newest releases pyproject.toml's ranges admit instead of the lock
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-sim}"
@@ -25,5 +27,10 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
 fi
 
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
+lock=()
+if [ "${LAPA_LOCK:-1}" != "0" ]; then
+  lock=(-c requirements/lock.txt)
+  echo "setup: installing the tested set (requirements/lock.txt)"
+fi
+python -m pip install --quiet --disable-pip-version-check "${lock[@]}" -e ".[${extras}]"
 python -c "import torch, transformers, modeling_lapa; print(f'setup: torch {torch.__version__}, transformers {transformers.__version__}: ok')"

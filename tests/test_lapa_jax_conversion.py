@@ -29,6 +29,7 @@ from modeling_lapa.convert_lapa_jax import (
 )
 from modeling_lapa.jax_stream import bf16_bits_to_float32, iter_stream, scan_stream, write_stream
 from modeling_lapa.loading import StrictLoadingError
+from modeling_lapa.transformers_compat import cache_kwargs, cache_of
 from modeling_lapa.modeling_lwm import (
     LWMConfig,
     LWMForCausalLM,
@@ -190,7 +191,7 @@ def greedy_latent_ids(model, golden, steps=4):
         attention_mask = torch.cat([attention_mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=torch.tensor([[config.latent_token_offset + code]]), attention_mask=attention_mask,
-                    position_ids=positions, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                    position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(cache_of(out)))
     return codes
 
 
@@ -215,7 +216,7 @@ def test_teacher_forced_sequence_matches_cached_decoding(converted, golden):
         first = model(input_ids=ids[:, :prompt_length], attention_mask=attention_mask[:, :prompt_length],
                       position_ids=positions[:, :prompt_length], use_cache=True)
         rest = model(input_ids=ids[:, prompt_length:], attention_mask=attention_mask,
-                     position_ids=positions[:, prompt_length:], past_key_values=first.past_key_values).logits
+                     position_ids=positions[:, prompt_length:], **cache_kwargs(cache_of(first))).logits
     assert torch.allclose(full[:, prompt_length:], rest, atol=1e-4)
 
 

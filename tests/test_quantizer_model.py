@@ -14,6 +14,7 @@ import modeling_lapa  # noqa: F401
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
 from modeling_lapa.configuration_lapa_quantizer import REFERENCE_REPLACEMENT_STEPS
 from modeling_lapa.loading import StrictLoadingError
+from modeling_lapa.transformers_compat import enable_activation_checkpointing
 
 
 def small_config(**overrides):
@@ -209,7 +210,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = LAPAQuantizerModel(config).train()
     checkpointed = LAPAQuantizerModel(config).train()
     checkpointed.load_state_dict(plain.state_dict())
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(checkpointed)
     assert checkpointed.is_gradient_checkpointing
     x = pairs()
     for m in (plain, checkpointed):

@@ -17,7 +17,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.vla_training import run  # noqa: E402
+from training.vla_training import build_parser as _stage_parser, run  # noqa: E402
+
+
+def build_parser():
+    return _stage_parser("finetune", __doc__)
 
 
 def main(argv=None) -> int:

@@ -97,24 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--episodes-per-shard", type=int, default=None,
                         help="episodes per unit of work (and of resume). Default: 1, or enough for about 1024 "
                              "shards on datasets with more episodes")
-    parser.add_argument("--skip-corrupt", action="store_true",
+    parser.add_argument("--skip-corrupt", action=argparse.BooleanOptionalAction, default=False,
                         help="label the rest when an episode cannot be read (bad video, too short for the gap, "
                              "...): its rows keep every slot at -1 and info.json lists it with the reason. "
                              "Default: stop with an error naming the file and episode")
     resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", dest="resume", action="store_true", default=None,
-                        help="continue the unfinished run in --output (the default when --output has a "
-                             "work dir .labelling/ with the same settings); starts fresh if there is none")
-    resume.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="refuse to continue an unfinished run (error if --output has one)")
-    resume.add_argument("--overwrite", action="store_true",
+    resume.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                        help="--resume: continue the unfinished run in --output (the default when --output has a "
+                             "work dir .labelling/ with the same settings; starts fresh if there is none); "
+                             "--no-resume: refuse to continue one (error if --output has one)")
+    resume.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                         help="delete --output first: a labelled dataset or an unfinished run (other non-empty "
                              "folders are refused)")
-    parser.add_argument("--copy-videos", action="store_true",
+    parser.add_argument("--copy-videos", action=argparse.BooleanOptionalAction, default=False,
                         help="copy the video files instead of hard-linking them")
-    parser.add_argument("--keep-work-dir", action="store_true",
+    parser.add_argument("--keep-work-dir", action=argparse.BooleanOptionalAction, default=False,
                         help="keep <output>/.labelling/ (the shard files) after the merge")
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is available")
+    parser.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=False, help="run on CPU even if a GPU is available")
     parser.add_argument("--log-level", default="INFO")
     debug = parser.add_argument_group("debugging and testing resume")
     debug.add_argument("--max-shards-per-process", type=int, default=None, metavar="N",

@@ -56,12 +56,16 @@ def merge_lora(adapter: str | Path, output: str | Path, base: str | Path | None 
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="adapter folder written by a --lora run")
     parser.add_argument("--output", required=True, help="folder of the merged checkpoint")
     parser.add_argument("--base", default=None, help="base LAPA model folder (default: the adapter's record)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         merge_lora(args.adapter, args.output, args.base)
     except (FileNotFoundError, ValueError) as error:

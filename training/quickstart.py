@@ -30,7 +30,7 @@ def _stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/quickstart")
     parser.add_argument("--tasks", default="mt10", help="mt10, mt50 or comma-separated Meta-World task names")
@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vla-steps", type=int, default=1000,
                         help="latent pretraining steps of the tiny VLA; finetuning takes half as many")
     parser.add_argument("--finetune-episodes", type=int, default=5, help="labelled robot episodes per task to finetune on")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     root = Path(args.output_dir)
     data_dir, run_dir, labelled_dir = root / "metaworld", root / "quantizer", root / "metaworld_latent"
 

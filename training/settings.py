@@ -6,6 +6,7 @@ therefore parsed as int, then float, then YAML, and each setting is checked agai
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 from pathlib import Path
@@ -92,3 +93,42 @@ def trackers(report_to: str):
             return None
         return "tensorboard"
     return report_to
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class, repeatable: dict[str, str] | None = None,
+                         key_values: dict[str, str] | None = None) -> None:
+    """One flag per field of the dataclass `config_class`, by one rule for every script:
+
+    - a boolean field `x_y` is `--x-y` / `--no-x-y`;
+    - a field named in `repeatable` (a list) takes one value per use (`--dataset A --dataset B`);
+    - a field named in `key_values` (a dict) takes `KEY=VALUE` items (`--model hidden_size=256`, repeatable);
+    - any other field takes one value, parsed like a YAML setting (`3e-4`, `[0.9, 0.99]`, `none`).
+
+    Every flag defaults to None (= not given), so that the preset and the YAML file decide what is not on the
+    command line (see `settings_from_args`)."""
+    repeatable, key_values = repeatable or {}, key_values or {}
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in key_values:
+            parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE", help=key_values[f.name])
+        elif f.name in repeatable:
+            parser.add_argument(flag, action="append", default=None, help=repeatable[f.name])
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default from the preset; else {f.default})")
+        else:
+            parser.add_argument(flag, default=None, type=parse_value, metavar=f.name.upper(),
+                                help="(default from the preset)")
+
+
+def settings_from_args(args: argparse.Namespace, settings: dict, config_class, key_values=()) -> dict:
+    """`settings` (preset + file) updated by the flags given on the command line (`add_config_arguments`)."""
+    result = dict(settings)
+    for f in dataclasses.fields(config_class):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name in key_values:
+            value = add_key_values(result.get(f.name), value, "--" + f.name.replace("_", "-"))
+        result[f.name] = value
+    return result

@@ -40,9 +40,10 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch training/
 
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
 from modeling_lapa.configuration_lapa_quantizer import REFERENCE_REPLACEMENT_STEPS  # noqa: E402
+from modeling_lapa.transformers_compat import enable_activation_checkpointing  # noqa: E402
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from training.settings import (  # noqa: E402
-    add_key_values, coerce_settings, parse_value, preset_and_file_settings, trackers,
+    add_config_arguments, coerce_settings, preset_and_file_settings, settings_from_args, trackers,
 )
 
 logger = logging.getLogger("train_quantizer")
@@ -122,36 +123,30 @@ TRAINING_PRESETS: dict[str, dict] = {
 FIELD_NAMES = [f.name for f in dataclasses.fields(QuantizerTrainingConfig)]
 
 
-def resolve_config(argv: list[str] | None = None) -> QuantizerTrainingConfig:
-    """defaults <- preset <- YAML file <- command line."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: `--preset`, `--config FILE`, and one flag per `QuantizerTrainingConfig` field."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        prog="training/train_quantizer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--preset", choices=sorted(TRAINING_PRESETS), default=None,
                         help="training preset (default: tiny, or the YAML file's `preset`)")
     parser.add_argument("--config", default=None, help="YAML file of settings")
-    for f in dataclasses.fields(QuantizerTrainingConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("dataset", "video_folder", "labels"):
-            parser.add_argument(flag, action="append", default=None, help=f"(repeatable) {f.name}")
-        elif f.name == "model":
-            parser.add_argument("--model", action="append", default=None, metavar="KEY=VALUE",
-                                help="override a LAPAQuantizerConfig field, e.g. --model hidden_size=256 (repeatable)")
-        elif f.name == "resume":
-            parser.add_argument("--resume", action="store_true", default=None,
-                                help="continue from the latest checkpoint in --output-dir")
-        else:
-            parser.add_argument(flag, default=None, type=parse_value, metavar=f.name.upper(), help="(default from the preset)")
-    args = parser.parse_args(argv)
+    add_config_arguments(
+        parser, QuantizerTrainingConfig,
+        repeatable={"dataset": "LeRobot dataset folder or Hub id (repeatable)",
+                    "video_folder": "folder of human videos (repeatable; one --labels file each)",
+                    "labels": "labels file (json/jsonl/csv) of a --video-folder (repeatable)"},
+        key_values={"model": "override a LAPAQuantizerConfig field, e.g. --model hidden_size=256 (repeatable)"},
+    )
+    return parser
 
+
+def resolve_config(argv: list[str] | None = None) -> QuantizerTrainingConfig:
+    """defaults <- preset <- YAML file <- command line."""
+    args = build_parser().parse_args(argv)
     preset, settings = preset_and_file_settings(args.config, args.preset, TRAINING_PRESETS, FIELD_NAMES, nested="model")
-    for name in FIELD_NAMES:
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if name == "model":
-            value = add_key_values(settings.get("model"), value, "--model")
-        settings[name] = value
+    settings = settings_from_args(args, settings, QuantizerTrainingConfig, key_values=("model",))
     config = QuantizerTrainingConfig(**coerce_settings(settings, QuantizerTrainingConfig))
     _validate(config)
     config.preset = preset  # recorded in training_config.json
@@ -290,7 +285,7 @@ def train(c: QuantizerTrainingConfig) -> dict:
     set_seed(c.seed)  # identical initial weights on every rank
     model = build_model(c)
     if c.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     image_size = model.config.image_size
 
     # Data: per source, training episodes and held-out episodes.

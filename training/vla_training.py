@@ -30,9 +30,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config  # noqa: E402
+from modeling_lapa.transformers_compat import enable_activation_checkpointing  # noqa: E402
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from training.settings import (  # noqa: E402
-    add_key_values, coerce_settings, parse_value, preset_and_file_settings, trackers,
+    add_config_arguments, coerce_settings, preset_and_file_settings, settings_from_args, trackers,
 )
 
 logger = logging.getLogger("vla_training")
@@ -129,36 +130,27 @@ FIELD_NAMES = [f.name for f in dataclasses.fields(VLATrainingConfig)]
 
 
 # ----------------------------------------------------------------------------------------------------- settings
-def resolve_config(stage: str, argv: list[str] | None = None, description: str | None = None) -> VLATrainingConfig:
-    """defaults <- preset <- YAML file <- command line (unknown keys are errors)."""
-    presets = STAGE_PRESETS[stage]
+def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The command line of a VLA stage: `--preset`, `--config FILE`, and one flag per `VLATrainingConfig` field."""
     parser = argparse.ArgumentParser(prog=f"training/{stage}.py", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--preset", choices=sorted(presets), default=None,
+    parser.add_argument("--preset", choices=sorted(STAGE_PRESETS[stage]), default=None,
                         help="settings preset (default: tiny, or the YAML file's `preset`)")
     parser.add_argument("--config", default=None, help="YAML file of settings")
-    for f in dataclasses.fields(VLATrainingConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "dataset":
-            parser.add_argument(flag, action="append", default=None, help="LeRobot dataset folder or Hub id (repeatable)")
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default from the preset: {f.default})")
-        elif f.name == "tiny":
-            parser.add_argument("--tiny", action="append", default=None, metavar="KEY=VALUE",
-                                help="tiny backbone size, e.g. --tiny hidden_size=256 (repeatable)")
-        else:
-            parser.add_argument(flag, default=None, type=parse_value, metavar=f.name.upper(),
-                                help="(default from the preset)")
-    args = parser.parse_args(argv)
-    preset, settings = preset_and_file_settings(args.config, args.preset, presets, FIELD_NAMES, nested="tiny")
-    for name in FIELD_NAMES:
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if name == "tiny":
-            value = add_key_values(settings.get("tiny"), value, "--tiny")
-        settings[name] = value
+    add_config_arguments(
+        parser, VLATrainingConfig,
+        repeatable={"dataset": "LeRobot dataset folder or Hub id (repeatable)"},
+        key_values={"tiny": "tiny backbone size, e.g. --tiny hidden_size=256 (repeatable)"},
+    )
+    return parser
+
+
+def resolve_config(stage: str, argv: list[str] | None = None, description: str | None = None) -> VLATrainingConfig:
+    """defaults <- preset <- YAML file <- command line (unknown keys are errors)."""
+    args = build_parser(stage, description).parse_args(argv)
+    preset, settings = preset_and_file_settings(args.config, args.preset, STAGE_PRESETS[stage], FIELD_NAMES,
+                                                nested="tiny")
+    settings = settings_from_args(args, settings, VLATrainingConfig, key_values=("tiny",))
     config = VLATrainingConfig(**coerce_settings(settings, VLATrainingConfig))
     validate_config(config)
     config.preset = preset
@@ -425,7 +417,7 @@ def train(c: VLATrainingConfig) -> dict:
             processor.save_pretrained(str(base_dir))
         model = apply_lora(model, c)
     if c.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
 
     collator = VLACollator(processor, c.target, name)
     if c.streaming:

@@ -578,7 +578,7 @@ def write_sample_grid(
 
 
 # ---------------------------------------------------------------------- command line
-def build_argument_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.envs.metaworld_data",
         description="Record Meta-World scripted-expert episodes as a LeRobot v3.0 dataset.",
@@ -603,13 +603,15 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--action-noise", type=float, default=0.0,
                         help="std of Gaussian noise added to the expert's actions (default 0)")
-    parser.add_argument("--only-successful", action="store_true",
+    parser.add_argument("--only-successful", action=argparse.BooleanOptionalAction, default=False,
                         help="keep only successful episodes, trying further seeds to reach the count")
     parser.add_argument("--supersample", type=int, default=1,
                         help="render at this multiple of the size and average down (antialiasing; default 1)")
     parser.add_argument("--crf", type=int, default=23, help="H.264 quality, lower is better (default 23)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                        help="replace an existing output folder")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bars (--no-progress: none)")
     parser.add_argument("--summary-json", default=None,
                         help="also write the run's summary (per-task success, frames/s) as JSON at this path")
     parser.add_argument("--sample-grid", default=None,
@@ -637,7 +639,7 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> GenerationSummary:
-    parser = build_argument_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
@@ -646,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         parser.error(f"--output {output} exists and is not empty; pass --overwrite to replace it")
-    summary = generate_dataset(config, output, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = generate_dataset(config, output, overwrite=args.overwrite, progress=args.progress)
     print(summary.table())
     print(f"wrote {output}")
     if args.summary_json:
