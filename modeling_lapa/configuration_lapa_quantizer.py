@@ -87,6 +87,10 @@ class LAPAQuantizerConfig(PretrainedConfig):
             the others), so that no slot uses all of them. Off for the reference (and converted checkpoints).
         initializer_range (`float`, defaults to 0.02): kept for transformers' conventions; the weights are
             initialised like the reference (PyTorch's defaults), see `_init_weights`.
+        gap_seconds (`float`, *optional*): the time between the two frames of the pairs the model was trained on
+            (reference: 0.6 s for robot video). Not used by the model: it is what the quantizer tells the stages
+            after it (labelling pairs frames with the same gap). `training/train_quantizer.py` writes it; `None`
+            (unknown, e.g. a converted reference checkpoint) lets the labelling use its default.
     """
 
     model_type = "lapa_quantizer"
@@ -115,8 +119,12 @@ class LAPAQuantizerConfig(PretrainedConfig):
         replacement_noise: float = 1e-12,
         replacement_min_share: float | None = None,
         initializer_range: float = 0.02,
+        gap_seconds: float | None = None,
         **kwargs,
     ):
+        if gap_seconds is not None and not gap_seconds > 0:
+            raise ValueError(f"gap_seconds must be positive (or None = unknown), got {gap_seconds}")
+        self.gap_seconds = gap_seconds
         self.hidden_size = hidden_size
         self.quant_dim = quant_dim
         self.codebook_size = codebook_size

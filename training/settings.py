@@ -50,24 +50,34 @@ def unknown_key_error(keys, field_names: list[str], where: str) -> ValueError:
     return ValueError(f"Unknown setting(s) in {where}: {', '.join(hints)}. Valid settings: {', '.join(field_names)}.")
 
 
-def preset_and_file_settings(config_file: str | None, cli_preset: str | None, presets: dict, field_names: list[str],
-                             nested: str, default: str = "tiny") -> tuple[str, dict]:
+def preset_and_file_settings(config_file: str | None, cli_preset: str | None, presets: dict | None,
+                             field_names: list[str], nested=(), default: str = "tiny") -> tuple[str | None, dict]:
     """(preset name, preset settings updated by the YAML file's). The file may name a `preset`; unknown keys are
-    errors; the file's `nested` mapping (e.g. `model`) adds to the preset's instead of replacing it."""
+    errors; each of the file's `nested` mappings (e.g. `model`) adds to the preset's instead of replacing it.
+    Without `presets` (a stage that has none) the preset is None and the file's settings are all there is."""
+    nested = (nested,) if isinstance(nested, str) else tuple(nested)
     file_settings: dict = {}
     if config_file:
-        file_settings = yaml.safe_load(Path(config_file).read_text()) or {}
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {config_file}: no such file")
+        file_settings = yaml.safe_load(path.read_text()) or {}
         if not isinstance(file_settings, dict):
             raise ValueError(f"{config_file} must hold a mapping of settings")
-    preset = cli_preset or file_settings.pop("preset", None) or default
-    file_settings.pop("preset", None)
-    if preset not in presets:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(presets)}")
+    file_preset = file_settings.pop("preset", None)
     unknown = sorted(set(file_settings) - set(field_names))
     if unknown:
         raise unknown_key_error(unknown, field_names, config_file)
+    if not presets:
+        if cli_preset or file_preset:
+            raise ValueError(f"this stage has no presets, got {cli_preset or file_preset!r}")
+        return None, file_settings
+    preset = cli_preset or file_preset or default
+    if preset not in presets:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(presets)}")
     settings = {**presets[preset], **file_settings}
-    settings[nested] = {**(presets[preset].get(nested) or {}), **(file_settings.get(nested) or {})}
+    for name in nested:
+        settings[name] = {**(presets[preset].get(name) or {}), **(file_settings.get(name) or {})}
     return preset, settings
 
 
@@ -96,7 +106,7 @@ def trackers(report_to: str):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class, repeatable: dict[str, str] | None = None,
-                         key_values: dict[str, str] | None = None) -> None:
+                         key_values: dict[str, str] | None = None, exclude=("preset", "stage")) -> None:
     """One flag per field of the dataclass `config_class`, by one rule for every script:
 
     - a boolean field `x_y` is `--x-y` / `--no-x-y`;
@@ -108,6 +118,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class, repeatab
     command line (see `settings_from_args`)."""
     repeatable, key_values = repeatable or {}, key_values or {}
     for f in dataclasses.fields(config_class):
+        if f.name in exclude:
+            continue  # declared fields set by the stage itself (`stage`) or by `--preset` (see `stage_parser`)
         flag = "--" + f.name.replace("_", "-")
         if f.name in key_values:
             parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE", help=key_values[f.name])
@@ -125,6 +137,8 @@ def settings_from_args(args: argparse.Namespace, settings: dict, config_class, k
     """`settings` (preset + file) updated by the flags given on the command line (`add_config_arguments`)."""
     result = dict(settings)
     for f in dataclasses.fields(config_class):
+        if f.name in ("preset", "stage"):
+            continue
         value = getattr(args, f.name, None)
         if value is None:
             continue
@@ -132,3 +146,40 @@ def settings_from_args(args: argparse.Namespace, settings: dict, config_class, k
             value = add_key_values(result.get(f.name), value, "--" + f.name.replace("_", "-"))
         result[f.name] = value
     return result
+
+
+def stage_parser(config_class, *, prog: str, description: str | None = None, presets: dict | None = None,
+                 repeatable: dict[str, str] | None = None, key_values: dict[str, str] | None = None,
+                 extra=None) -> argparse.ArgumentParser:
+    """The command line of a stage, built from its config dataclass: `--preset` (when it has presets), `--config
+    FILE` (YAML), and one flag per field by the rule of `add_config_arguments`. `extra(parser)` adds options that
+    are not settings (none of ours so far)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None,
+                            help="settings preset (default: tiny, or the YAML file's `preset`)")
+    parser.add_argument("--config", default=None, metavar="FILE", help="YAML file of settings")
+    add_config_arguments(parser, config_class, repeatable, key_values)
+    if extra is not None:
+        extra(parser)
+    return parser
+
+
+def resolve_stage_config(config_class, parser: argparse.ArgumentParser, argv: list[str] | None, *,
+                         presets: dict | None = None, key_values=(), fixed: dict | None = None, validate=None):
+    """defaults <- preset <- YAML file <- command line, into a `config_class` instance: the one way every stage
+    reads its settings. Unknown keys are refused with a suggestion, numbers from YAML are numbers, `fixed` settings
+    (e.g. the stage's name) are not the user's to change, and `validate(config)` raises on bad values."""
+    args = parser.parse_args(argv)
+    field_names = [f.name for f in dataclasses.fields(config_class)]
+    preset, settings = preset_and_file_settings(getattr(args, "config", None), getattr(args, "preset", None), presets,
+                                                field_names, nested=key_values)
+    settings = settings_from_args(args, settings, config_class, key_values=key_values)
+    if preset is not None:
+        settings["preset"] = preset
+    settings.update(fixed or {})
+    config = config_class(**coerce_settings(settings, config_class))
+    if validate is not None:
+        validate(config)
+    return config
