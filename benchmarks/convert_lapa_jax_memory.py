@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import PeakRSS, write_report  # noqa: E402
+from benchmarks.common import PeakRSS, write_report
 
 
 def synthetic_config(layers: int, hidden: int, intermediate: int, heads: int) -> dict:

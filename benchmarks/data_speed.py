@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +29,8 @@ import datasets
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_report  # noqa: E402
-from training.data import (  # noqa: E402
+from benchmarks.common import write_report
+from training.data import (
     FramePairDataset,
     LeRobotDatasetWriter,
     load_lerobot_dataset,

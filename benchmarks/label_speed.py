@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_report  # noqa: E402
-from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
-from training.data import FramePairDataset, LeRobotDatasetWriter, load_lerobot_dataset  # noqa: E402
-from training.label_latents import main as label_latents_main  # noqa: E402
-from training.latent_labels import encode_episode, load_quantizer  # noqa: E402
+from benchmarks.common import write_report
+from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
+from training.data import FramePairDataset, LeRobotDatasetWriter, load_lerobot_dataset
+from training.label_latents import main as label_latents_main
+from training.latent_labels import encode_episode, load_quantizer
 
 DEFAULTS = {  # per preset: episodes, frames per episode, batch size
     "tiny": dict(episodes=8, frames_per_episode=60, batch_size=64),

@@ -12,15 +12,12 @@ background thread (CPU has no allocator statistics like `torch.cuda.max_memory_a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import PeakRSS, write_report  # noqa: E402
-from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
+from benchmarks.common import PeakRSS, write_report
+from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
 
 
 def bench_training(model, pairs, steps, warmup):

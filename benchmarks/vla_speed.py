@@ -43,18 +43,15 @@ absolute peak, sampled every millisecond by a background thread.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import PeakRSS, write_report  # noqa: E402
-from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config  # noqa: E402
-from processing_lapa import LAPAImageProcessor, LAPAProcessor, build_tiny_tokenizer  # noqa: E402
-from training.vla_training import STAGE_PRESETS, TINY_BACKBONE_SIZES, VLATrainingConfig  # noqa: E402
+from benchmarks.common import PeakRSS, write_report
+from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config
+from processing_lapa import LAPAImageProcessor, LAPAProcessor, build_tiny_tokenizer
+from training.vla_training import STAGE_PRESETS, TINY_BACKBONE_SIZES, VLATrainingConfig
 
 INSTRUCTIONS = [
     "open the drawer",

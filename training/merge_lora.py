@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def load_lora_model(adapter: str | Path, base: str | Path | None = None):

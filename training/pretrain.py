@@ -14,12 +14,8 @@ continues exactly from the latest checkpoint in `--output-dir`. The model and it
 """
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.vla_training import build_parser as _stage_parser, run  # noqa: E402
+from training.vla_training import build_parser as _stage_parser, run
 
 
 def build_parser():

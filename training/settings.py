@@ -183,3 +183,22 @@ def resolve_stage_config(config_class, parser: argparse.ArgumentParser, argv: li
     if validate is not None:
         validate(config)
     return config
+
+
+def preset_config(config_class, presets: dict, preset: str, *, nested=(), validate=None, **settings):
+    """A config object from a preset and settings given in code (what `resolve_stage_config` does for a command
+    line): the quickstart and the benchmarks compose stages this way. Mappings named in `nested` add to the
+    preset's; unknown settings are refused like unknown keys in a YAML file."""
+    if preset not in presets:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(presets)}")
+    field_names = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(settings) - set(field_names))
+    if unknown:
+        raise unknown_key_error(unknown, field_names, "the given settings")
+    merged = {**presets[preset], **settings, "preset": preset}
+    for name in (nested,) if isinstance(nested, str) else nested:
+        merged[name] = {**(presets[preset].get(name) or {}), **(settings.get(name) or {})}
+    config = config_class(**coerce_settings(merged, config_class))
+    if validate is not None:
+        validate(config)
+    return config

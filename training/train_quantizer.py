@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,18 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-if __package__ in (None, ""):  # run as a script by `accelerate launch training/train_quantizer.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
-from modeling_lapa.configuration_lapa_quantizer import REFERENCE_REPLACEMENT_STEPS  # noqa: E402
-from modeling_lapa.transformers_compat import enable_activation_checkpointing  # noqa: E402
-from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from training.settings import (  # noqa: E402
-    add_config_arguments, coerce_settings, preset_and_file_settings, settings_from_args, trackers,
-)
+from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
+from modeling_lapa.configuration_lapa_quantizer import REFERENCE_REPLACEMENT_STEPS
+from modeling_lapa.transformers_compat import enable_activation_checkpointing
+from training.engine import TrainingEngine, TrainingStage
+from training.settings import preset_config, resolve_stage_config, stage_parser
 
 logger = logging.getLogger("train_quantizer")
 
@@ -53,6 +46,7 @@ logger = logging.getLogger("train_quantizer")
 class QuantizerTrainingConfig:
     """Every setting of a quantizer training run (see the module docstring for presets)."""
 
+    preset: str = "tiny"  # the training preset these settings started from (TRAINING_PRESETS; `--preset`)
     # model
     model_preset: str = "tiny"  # LAPAQuantizerConfig preset: "tiny" or "reference"
     model: dict = field(default_factory=dict)  # overrides of LAPAQuantizerConfig fields
@@ -125,32 +119,26 @@ FIELD_NAMES = [f.name for f in dataclasses.fields(QuantizerTrainingConfig)]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: `--preset`, `--config FILE`, and one flag per `QuantizerTrainingConfig` field."""
-    parser = argparse.ArgumentParser(
-        prog="training/train_quantizer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--preset", choices=sorted(TRAINING_PRESETS), default=None,
-                        help="training preset (default: tiny, or the YAML file's `preset`)")
-    parser.add_argument("--config", default=None, help="YAML file of settings")
-    add_config_arguments(
-        parser, QuantizerTrainingConfig,
+    return stage_parser(
+        QuantizerTrainingConfig, prog="training/train_quantizer.py", description=__doc__, presets=TRAINING_PRESETS,
         repeatable={"dataset": "LeRobot dataset folder or Hub id (repeatable)",
                     "video_folder": "folder of human videos (repeatable; one --labels file each)",
                     "labels": "labels file (json/jsonl/csv) of a --video-folder (repeatable)"},
         key_values={"model": "override a LAPAQuantizerConfig field, e.g. --model hidden_size=256 (repeatable)"},
     )
-    return parser
 
 
 def resolve_config(argv: list[str] | None = None) -> QuantizerTrainingConfig:
     """defaults <- preset <- YAML file <- command line."""
-    args = build_parser().parse_args(argv)
-    preset, settings = preset_and_file_settings(args.config, args.preset, TRAINING_PRESETS, FIELD_NAMES, nested="model")
-    settings = settings_from_args(args, settings, QuantizerTrainingConfig, key_values=("model",))
-    config = QuantizerTrainingConfig(**coerce_settings(settings, QuantizerTrainingConfig))
-    _validate(config)
-    config.preset = preset  # recorded in training_config.json
-    return config
+    return resolve_stage_config(QuantizerTrainingConfig, build_parser(), argv, presets=TRAINING_PRESETS,
+                                key_values=("model",), validate=_validate)
+
+
+def config_from_preset(preset: str = "tiny", **settings) -> QuantizerTrainingConfig:
+    """Settings in code: `config_from_preset("tiny", dataset=["data"], max_steps=300)`; `model` adds to the
+    preset's."""
+    return preset_config(QuantizerTrainingConfig, TRAINING_PRESETS, preset, nested="model", validate=_validate,
+                         **settings)
 
 
 def _validate(c: QuantizerTrainingConfig) -> None:
@@ -256,228 +244,174 @@ def build_model(c: QuantizerTrainingConfig) -> LAPAQuantizerModel:
     return model
 
 
-def train(c: QuantizerTrainingConfig) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+@dataclass
+class QuantizerData:
+    """Per source: its training and held-out frame pairs; the training batches (map-style with `sampler`, or a
+    stream when `sampler` is None)."""
 
+    sources: list
+    train_sets: list
+    eval_sets: list
+    split: dict
+    dataloader: object
+    sampler: object | None
+
+
+def build_data(c: QuantizerTrainingConfig, accelerator, image_size: int) -> QuantizerData:
     from training.data import FramePairDataset, make_streaming_frame_pairs
 
-    output_dir = Path(c.output_dir)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=c.mixed_precision,
-        gradient_accumulation_steps=c.gradient_accumulation_steps,
-        log_with=trackers(c.report_to),
-        project_dir=str(output_dir),
-    )
-    main = accelerator.is_main_process
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    if main:
-        existing = latest_checkpoint(output_dir)
-        if existing is not None and not c.resume:
-            raise FileExistsError(
-                f"{output_dir} already holds checkpoints (latest {existing.name}); pass --resume to continue it or "
-                f"choose another --output-dir."
-            )
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-
-    set_seed(c.seed)  # identical initial weights on every rank
-    model = build_model(c)
-    if c.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    image_size = model.config.image_size
-
-    # Data: per source, training episodes and held-out episodes.
     sources = load_sources(c)
-    train_sets, eval_sets, split_record = [], [], {}
+    train_sets, eval_sets, split = [], [], {}
     for i, (name, source) in enumerate(sources):
         train_eps, eval_eps = split_episodes(source, c.holdout_episodes, c.seed + i)
-        split_record[name] = {"train_episodes": train_eps, "heldout_episodes": eval_eps}
+        split[name] = {"train_episodes": train_eps, "heldout_episodes": eval_eps}
         common = dict(camera_key=c.camera_key, gap_seconds=c.gap_seconds, image_size=image_size,
                       drop_crossing=c.drop_crossing, skip_corrupt=c.skip_corrupt)
-        train_sets.append(FramePairDataset(
-            source, episodes=train_eps, output="uint8",
-            episode_cache_size=len(train_eps) if c.cache_episodes else 2, **common,
-        ))
+        train_sets.append(FramePairDataset(source, episodes=train_eps, output="uint8",
+                                           episode_cache_size=len(train_eps) if c.cache_episodes else 2, **common))
         eval_sets.append(FramePairDataset(source, episodes=eval_eps, output="float",
                                           episode_cache_size=len(eval_eps), **common))
-    weights = None
-    if c.mix_weights is not None:
-        total = float(sum(c.mix_weights))
-        weights = [float(w) / total for w in c.mix_weights]
-
-    effective_batch = c.batch_size * accelerator.num_processes * c.gradient_accumulation_steps
+    weights = None if c.mix_weights is None else [float(w) / float(sum(c.mix_weights)) for w in c.mix_weights]
+    loader_kwargs = dict(batch_size=c.batch_size, num_workers=c.num_workers, collate_fn=collate_pixels, drop_last=True)
     if c.streaming:
         import datasets as hf_datasets
 
-        streams = [make_streaming_frame_pairs(p, seed=c.seed, shuffle=True, shuffle_buffer_size=c.shuffle_buffer_size or None)
-                   for p in train_sets]
+        streams = [make_streaming_frame_pairs(p, seed=c.seed, shuffle=True,
+                                              shuffle_buffer_size=c.shuffle_buffer_size or None) for p in train_sets]
         stream = streams[0] if len(streams) == 1 else hf_datasets.interleave_datasets(
             streams, probabilities=weights, seed=c.seed, stopping_strategy="all_exhausted")
         stream = hf_datasets.distributed.split_dataset_by_node(
             stream, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        sampler = None
-        dataloader = torch.utils.data.DataLoader(
-            stream.with_format("torch"), batch_size=c.batch_size, num_workers=c.num_workers,
-            collate_fn=collate_pixels, drop_last=True,
-        )
-        batches_per_epoch = None
-    else:
-        train_data = torch.utils.data.ConcatDataset(train_sets)
-        sampler = EpochSampler([len(p) for p in train_sets], weights, c.seed)
-        loader = torch.utils.data.DataLoader(
-            train_data, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,
-            collate_fn=collate_pixels, drop_last=True, persistent_workers=c.num_workers > 0,
-            generator=torch.Generator().manual_seed(c.seed),  # worker seeds must not draw from the global RNG
-        )
-        dataloader = accelerator.prepare(loader)
-        batches_per_epoch = len(dataloader)
-        if batches_per_epoch == 0:
-            raise ValueError(f"{len(train_data)} training pairs are fewer than one batch of {c.batch_size} per process.")
+        loader = torch.utils.data.DataLoader(stream.with_format("torch"), **loader_kwargs)
+        return QuantizerData(sources, train_sets, eval_sets, split, loader, None)
+    train_data = torch.utils.data.ConcatDataset(train_sets)
+    sampler = EpochSampler([len(p) for p in train_sets], weights, c.seed)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(
+        train_data, sampler=sampler, persistent_workers=c.num_workers > 0,
+        generator=torch.Generator().manual_seed(c.seed),  # worker seeds must not draw from the global RNG
+        **loader_kwargs))
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_data)} training pairs are fewer than one batch of {c.batch_size} per process.")
+    return QuantizerData(sources, train_sets, eval_sets, split, loader, sampler)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=c.learning_rate, betas=tuple(c.adam_betas),
-                                 weight_decay=c.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    nsvq = accelerator.unwrap_model(model).quantizer
 
-    step, epoch, batch_in_epoch, history, sync_checks = 0, 0, 0, [], []
-    if c.resume:
-        folder = latest_checkpoint(output_dir)
-        if folder is None:
-            logger.info("--resume: no checkpoint in %s yet, starting from scratch", output_dir)
-        else:
-            state, extra = load_checkpoint(accelerator, folder, model=model, optimizer=optimizer)
-            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            history = state.get("history", [])
-            sync_checks = state.get("codebook_sync_checks", [])
-            nsvq.code_hits = extra["code_hits"].to(nsvq.codebook.device)
-            if main:
-                logger.info("resumed from %s (step %d, epoch %d, batch %d)", folder, step, epoch, batch_in_epoch)
+class QuantizerStage(TrainingStage):
+    """NSVQ training of the quantizer: the loss and perplexity in the log, codebook replacement reported, the
+    per-rank hit counters and the codebook sync checks in checkpoints, held-out evaluation per source."""
 
-    config_record = {**dataclasses.asdict(c), "preset": getattr(c, "preset", None), "split": split_record,
-                     "world_size": accelerator.num_processes, "effective_batch_size": effective_batch}
-    if main:
-        (output_dir / "training_config.json").write_text(json.dumps(config_record, indent=2))
-        accelerator.init_trackers("train_quantizer", config={k: v for k, v in dataclasses.asdict(c).items()
-                                                             if isinstance(v, (int, float, str, bool))})
-        n_params = sum(p.numel() for p in model.parameters())
-        logger.info("model %.2fM parameters; %d training pairs in %d sources, %d held-out pairs; effective batch %d",
-                    n_params / 1e6, sum(len(p) for p in train_sets), len(train_sets), sum(len(p) for p in eval_sets),
-                    effective_batch)
+    name = "train quantizer"
 
-    def trainer_state():
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
-                "codebook_sync_checks": sync_checks, "config": config_record}
+    def __init__(self, c: QuantizerTrainingConfig, engine: TrainingEngine, model, optimizer, data: QuantizerData):
+        self.c, self.engine, self.data = c, engine, data
+        self.model, self.optimizer = model, optimizer
+        self.dataloader, self.sampler = data.dataloader, data.sampler
+        self.nsvq = engine.accelerator.unwrap_model(model).quantizer
+        self.sync_checks: list = []
+        self._reset_window()
 
-    def run_eval():
-        """Held-out evaluation of each source on its own (its episodes, its action space), probes fitted on that
-        source's training pairs. One source: its metrics; several: {"sources": {name: metrics}}."""
-        if not main:
+    def _reset_window(self) -> None:
+        self.window = {"loss": 0.0, "perplexity": 0.0, "n": 0, "codes": set(), "t0": time.perf_counter(), "pairs": 0}
+
+    def forward(self, pixels, next_step):
+        pixels = to_unit_float(pixels.to(self.engine.accelerator.device))
+        self._batch_pairs = pixels.shape[0]
+        return self.model(pixels, step=next_step)
+
+    def observe(self, output, batch) -> None:
+        w = self.window
+        w["loss"] += output.loss.item()
+        w["perplexity"] += output.perplexity.item()
+        w["n"] += 1
+        w["pairs"] += self._batch_pairs * self.engine.accelerator.num_processes
+        w["codes"].update(map(tuple, output.codes.tolist()))
+
+    def log_record(self) -> dict:
+        w, elapsed = self.window, time.perf_counter() - self.window["t0"]
+        record = {"loss": w["loss"] / w["n"], "perplexity": w["perplexity"] / w["n"],
+                  "distinct_latent_actions": len(w["codes"]), "pairs_per_s": w["pairs"] / max(elapsed, 1e-9)}
+        self._reset_window()
+        return record
+
+    def postfix(self, record: dict) -> dict:
+        return {"loss": f"{record['loss']:.5f}", "ppl": f"{record['perplexity']:.2f}"}
+
+    def after_step(self, step: int, output) -> None:
+        if output.replaced_codes is not None and self.engine.is_main and len(output.replaced_codes):
+            logger.info("step %d: replaced %d unused code(s): %s", step, len(output.replaced_codes),
+                        output.replaced_codes.tolist())
+
+    def evaluate(self, step: int) -> dict | None:
+        """Each source on its own (its episodes, its action space), probes fitted on that source's training pairs.
+        One source: its metrics; several: {"step": step, "sources": {name: metrics}}."""
+        if not self.engine.is_main:
             return None
         from training.quantizer_eval import evaluate_quantizer
 
-        step_dir = output_dir / "eval" / f"step-{step:07d}"
+        c, d = self.c, self.data
+        step_dir = self.engine.output_dir / "eval" / f"step-{step:07d}"
         results = {}
         # The evaluation must not move the training RNG streams (exact resume, identical runs with or without it).
         with torch.random.fork_rng(devices=[]):
             state = np.random.get_state()
-            for i, ((name, _), train_pairs, eval_pairs) in enumerate(zip(sources, train_sets, eval_sets)):
+            for i, ((name, _), train_pairs, eval_pairs) in enumerate(zip(d.sources, d.train_sets, d.eval_sets)):
                 g = torch.Generator().manual_seed(c.seed)
                 probe_idx = torch.randperm(len(train_pairs), generator=g)[: c.probe_train_pairs].tolist()
                 results[name] = evaluate_quantizer(
-                    accelerator.unwrap_model(model), eval_pairs,
+                    self.engine.accelerator.unwrap_model(self.model), eval_pairs,
                     probe_train_pairs=torch.utils.data.Subset(train_pairs, sorted(probe_idx)),
-                    output_dir=step_dir if len(sources) == 1 else step_dir / f"source-{i}", step=step,
+                    output_dir=step_dir if len(d.sources) == 1 else step_dir / f"source-{i}", step=step,
                     batch_size=c.eval_batch_size, max_pairs=c.eval_max_pairs, seed=c.seed,
                 )
             np.random.set_state(state)
-        model.train()
+        self.model.train()
         return next(iter(results.values())) if len(results) == 1 else {"step": step, "sources": results}
 
-    model.train()
-    progress = tqdm(total=c.max_steps, initial=step, disable=not main, desc="train quantizer", dynamic_ncols=True)
-    window = {"loss": 0.0, "perplexity": 0.0, "n": 0, "codes": set(), "t0": time.perf_counter(), "pairs": 0}
-    last_eval = None
-    while step < c.max_steps:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(dataloader, batch_in_epoch) if batch_in_epoch else dataloader
-        else:
-            dataloader.dataset.set_epoch(epoch)
-            batches = iter(dataloader)
-            for _ in range(batch_in_epoch):  # replay the stream to the saved position (deterministic)
-                next(batches)
-        for pixels in batches:
-            pixels = to_unit_float(pixels.to(accelerator.device))
-            with accelerator.accumulate(model):
-                out = model(pixels, step=step + 1 if accelerator.sync_gradients else None)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and c.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), c.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            batch_in_epoch += 1
-            window["loss"] += out.loss.item()
-            window["perplexity"] += out.perplexity.item()
-            window["n"] += 1
-            window["pairs"] += pixels.shape[0] * accelerator.num_processes
-            window["codes"].update(map(tuple, out.codes.tolist()))
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if out.replaced_codes is not None and main and len(out.replaced_codes):
-                logger.info("step %d: replaced %d unused code(s): %s", step, len(out.replaced_codes), out.replaced_codes.tolist())
-            if step % c.log_every == 0 or step == c.max_steps:
-                elapsed = time.perf_counter() - window["t0"]
-                record = {
-                    "step": step, "loss": window["loss"] / window["n"], "perplexity": window["perplexity"] / window["n"],
-                    "distinct_latent_actions": len(window["codes"]), "pairs_per_s": window["pairs"] / max(elapsed, 1e-9),
-                    "epoch": epoch,
-                }
-                history.append(record)
-                accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
-                progress.set_postfix(loss=f"{record['loss']:.5f}", ppl=f"{record['perplexity']:.2f}")
-                if main:
-                    tqdm.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}))
-                window = {"loss": 0.0, "perplexity": 0.0, "n": 0, "codes": set(), "t0": time.perf_counter(), "pairs": 0}
-            if step % c.eval_every == 0 and step < c.max_steps:
-                metrics = run_eval()
-                if metrics is not None:
-                    last_eval = metrics
-                    accelerator.log(_flat_scalars(metrics, "eval"), step=step)
-                accelerator.wait_for_everyone()
-            if step % c.save_every == 0 or step == c.max_steps:
-                sync_checks.append({"step": step, "codebooks_identical": codebooks_in_sync(accelerator, nsvq.codebook),
-                                    "world_size": accelerator.num_processes})
-                save_checkpoint(accelerator, output_dir, step, model=model, optimizer=optimizer,
-                                trainer_state=trainer_state(), rank_extra={"code_hits": nsvq.code_hits.cpu()},
-                                keep=c.keep_checkpoints)
-            if step >= c.max_steps:
-                break
-        else:
-            epoch += 1
-            batch_in_epoch = 0
-            continue
-        break
-    progress.close()
+    def before_save(self, step: int) -> None:
+        self.sync_checks.append({"step": step, "world_size": self.engine.accelerator.num_processes,
+                                 "codebooks_identical": codebooks_in_sync(self.engine.accelerator, self.nsvq.codebook)})
 
-    final_eval = run_eval()
-    if final_eval is not None:
-        last_eval = final_eval
-        accelerator.log(_flat_scalars(final_eval, "eval"), step=step)
-    accelerator.wait_for_everyone()
-    if main:
+    def checkpoint_state(self) -> dict:
+        return {"codebook_sync_checks": self.sync_checks}
+
+    def rank_state(self) -> dict:
+        return {"code_hits": self.nsvq.code_hits.cpu()}
+
+    def restore(self, state: dict, rank_state: dict, step: int) -> None:
+        self.sync_checks = state.get("codebook_sync_checks", [])
+        self.nsvq.code_hits = rank_state["code_hits"].to(self.nsvq.codebook.device)
+
+    def save_final(self, output_dir: Path, result) -> None:
         model_dir = output_dir / "model"
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(str(model_dir))
-        (model_dir / "training_config.json").write_text(json.dumps(config_record, indent=2))
-        if last_eval is not None:
-            (output_dir / "eval" / "final_metrics.json").write_text(json.dumps(last_eval, indent=2))
+        self.engine.accelerator.unwrap_model(self.model).save_pretrained(str(model_dir))
+        (model_dir / "training_config.json").write_text(json.dumps(self.record, indent=2))
+        if result.last_eval is not None:
+            (output_dir / "eval" / "final_metrics.json").write_text(json.dumps(result.last_eval, indent=2))
         logger.info("saved the model to %s", model_dir)
-    accelerator.end_training()
-    return {"step": step, "eval": last_eval, "history": history}
+
+
+def train(c: QuantizerTrainingConfig) -> dict:
+    from accelerate.utils import set_seed
+
+    engine = TrainingEngine(c, name="train_quantizer")
+    set_seed(c.seed)  # identical initial weights on every rank
+    model = build_model(c)
+    model.config.gap_seconds = c.gap_seconds  # what the quantizer tells the labelling stage (saved in config.json)
+    if c.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    data = build_data(c, engine.accelerator, model.config.image_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.learning_rate, betas=tuple(c.adam_betas),
+                                 weight_decay=c.weight_decay)
+    model, optimizer = engine.accelerator.prepare(model, optimizer)
+    stage = QuantizerStage(c, engine, model, optimizer, data)
+    stage.record = {**dataclasses.asdict(c), "split": data.split, "world_size": engine.accelerator.num_processes,
+                    "effective_batch_size": engine.effective_batch_size}
+    if engine.is_main:
+        logger.info("model %.2fM parameters; %d training pairs in %d sources, %d held-out pairs; effective batch %d",
+                    sum(p.numel() for p in model.parameters()) / 1e6, sum(len(p) for p in data.train_sets),
+                    len(data.train_sets), sum(len(p) for p in data.eval_sets), engine.effective_batch_size)
+    tracker_config = {k: v for k, v in dataclasses.asdict(c).items() if isinstance(v, (int, float, str, bool))}
+    result = engine.fit(stage, stage.record, tracker_config)
+    return {"step": result.step, "eval": result.last_eval, "history": result.history}
 
 
 def codebooks_in_sync(accelerator, codebook: torch.Tensor) -> bool:
@@ -489,20 +423,6 @@ def codebooks_in_sync(accelerator, codebook: torch.Tensor) -> bool:
     if not same:
         raise RuntimeError("The codebooks of the ranks diverged; codebook replacement must take the same decision on every rank.")
     return True
-
-
-def _flat_scalars(metrics: dict, prefix: str) -> dict:
-    """Numbers of a nested metrics dict as `prefix/a/b` scalars, for trackers."""
-    flat = {}
-    for key, value in metrics.items():
-        name = f"{prefix}/{key}"
-        if isinstance(value, bool):
-            flat[name] = float(value)
-        elif isinstance(value, (int, float)) and math.isfinite(float(value)):
-            flat[name] = float(value)
-        elif isinstance(value, dict):
-            flat.update(_flat_scalars(value, name))
-    return flat
 
 
 def main(argv: list[str] | None = None) -> int:

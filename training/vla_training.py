@@ -1,5 +1,5 @@
-"""The training engine shared by `training/pretrain.py` (latent pretraining) and `training/finetune.py` (action
-finetuning): one loop, two sets of defaults.
+"""The VLA stages run by `training/pretrain.py` (latent pretraining) and `training/finetune.py` (action finetuning):
+one stage on the shared training engine (`training/engine.py`), two sets of defaults.
 
 A run reads LeRobot datasets (the labelled output of `training/label_latents.py` for latent targets, or any dataset
 with an `action` column for action targets), holds out a share of each dataset's episodes (stratified by task),
@@ -18,7 +18,6 @@ import logging
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config  # noqa: E402
-from modeling_lapa.transformers_compat import enable_activation_checkpointing  # noqa: E402
-from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from training.settings import (  # noqa: E402
-    add_config_arguments, coerce_settings, preset_and_file_settings, settings_from_args, trackers,
-)
+from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config
+from modeling_lapa.transformers_compat import enable_activation_checkpointing
+from training.engine import TrainingEngine, TrainingStage
+from training.settings import preset_config, resolve_stage_config, stage_parser
+from training.train_quantizer import EpochSampler, split_episodes  # TEMPORARY until the data layer has them
 
 logger = logging.getLogger("vla_training")
 
@@ -48,6 +43,8 @@ DEFAULT_LORA_TARGETS = r".*\.(language_model|text_model)\..*\.(q_proj|k_proj|v_p
 class VLATrainingConfig:
     """Every setting of a latent-pretraining or action-finetuning run."""
 
+    stage: str = "pretrain"  # "pretrain" or "finetune": set by the script (training/pretrain.py, training/finetune.py)
+    preset: str = "tiny"  # the preset these settings started from (STAGE_PRESETS[stage]; `--preset`)
     # what to train
     target: str = "latent"  # "latent" (latent pretraining) or "action" (ground-truth actions: finetuning, ACTIONVLA)
     backbone: str = "tiny-llava"  # tiny-llava | tiny-idefics3 | a Hub id or folder of an image-text-to-text model
@@ -132,30 +129,24 @@ FIELD_NAMES = [f.name for f in dataclasses.fields(VLATrainingConfig)]
 # ----------------------------------------------------------------------------------------------------- settings
 def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
     """The command line of a VLA stage: `--preset`, `--config FILE`, and one flag per `VLATrainingConfig` field."""
-    parser = argparse.ArgumentParser(prog=f"training/{stage}.py", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--preset", choices=sorted(STAGE_PRESETS[stage]), default=None,
-                        help="settings preset (default: tiny, or the YAML file's `preset`)")
-    parser.add_argument("--config", default=None, help="YAML file of settings")
-    add_config_arguments(
-        parser, VLATrainingConfig,
+    return stage_parser(
+        VLATrainingConfig, prog=f"training/{stage}.py", description=description, presets=STAGE_PRESETS[stage],
         repeatable={"dataset": "LeRobot dataset folder or Hub id (repeatable)"},
         key_values={"tiny": "tiny backbone size, e.g. --tiny hidden_size=256 (repeatable)"},
     )
-    return parser
 
 
 def resolve_config(stage: str, argv: list[str] | None = None, description: str | None = None) -> VLATrainingConfig:
     """defaults <- preset <- YAML file <- command line (unknown keys are errors)."""
-    args = build_parser(stage, description).parse_args(argv)
-    preset, settings = preset_and_file_settings(args.config, args.preset, STAGE_PRESETS[stage], FIELD_NAMES,
-                                                nested="tiny")
-    settings = settings_from_args(args, settings, VLATrainingConfig, key_values=("tiny",))
-    config = VLATrainingConfig(**coerce_settings(settings, VLATrainingConfig))
-    validate_config(config)
-    config.preset = preset
-    config.stage = stage
-    return config
+    return resolve_stage_config(VLATrainingConfig, build_parser(stage, description), argv,
+                                presets=STAGE_PRESETS[stage], key_values=("tiny",), fixed={"stage": stage},
+                                validate=validate_config)
+
+
+def config_from_preset(stage: str, preset: str = "tiny", **settings) -> VLATrainingConfig:
+    """Settings in code: `config_from_preset("finetune", dataset=["data"], init_from="runs/lapa/model")`."""
+    return preset_config(VLATrainingConfig, STAGE_PRESETS[stage], preset, nested="tiny", validate=validate_config,
+                         stage=stage, **settings)
 
 
 def validate_config(c: VLATrainingConfig) -> None:
@@ -256,8 +247,6 @@ def apply_lora(model: LAPAForActionPrediction, c: VLATrainingConfig):
 
 # -------------------------------------------------------------------------------------------------------- data
 def split_dataset_episodes(source, c: VLATrainingConfig, index: int) -> tuple[list[int], list[int]]:
-    from training.train_quantizer import split_episodes
-
     train, held = split_episodes(source, c.holdout_episodes, c.seed + index)
     if c.train_episodes_per_task:
         by_task: dict[str, list[int]] = {}
@@ -354,45 +343,47 @@ def _lr_lambda(c: VLATrainingConfig):
     return factor
 
 
-def train(c: VLATrainingConfig) -> dict:
-    from accelerate import Accelerator
+@dataclass
+class VLAFrames:
+    """The run's dataset split into training and held-out episodes, as frames (decoded at `image_size` once the
+    processor is known), and the training targets (latent codes or action bins) the majority baseline reads."""
+
+    source: object
+    name: str
+    train_episodes: list
+    heldout_episodes: list
+    train: object
+    heldout: object
+    train_targets: np.ndarray | None = None
+
+
+def load_frames(c: VLATrainingConfig) -> VLAFrames:
     from accelerate.utils import set_seed
 
-    from training.data import VLAFrameDataset, load_lerobot_dataset, make_streaming_vla_frames
+    from training.data import VLAFrameDataset, load_lerobot_dataset
 
-    output_dir = Path(c.output_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c.mixed_precision,
-                              gradient_accumulation_steps=c.gradient_accumulation_steps, log_with=trackers(c.report_to),
-                              project_dir=str(output_dir))
-    main = accelerator.is_main_process
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    if main:
-        existing = latest_checkpoint(output_dir)
-        if existing is not None and not c.resume:
-            raise FileExistsError(f"{output_dir} already holds checkpoints (latest {existing.name}); pass --resume to "
-                                  "continue it or choose another --output-dir.")
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-
-    # Data: per dataset, training and held-out episodes.
     if len(c.dataset) != 1:
         raise ValueError("one --dataset per run for now (mix datasets by labelling them into one LeRobot dataset)")
     source = load_lerobot_dataset(c.dataset[0], skip_corrupt=c.skip_corrupt)
-    name = dataset_key(c.dataset[0])
     train_eps, eval_eps = split_dataset_episodes(source, c, 0)
-    frame_kwargs = dict(target=c.target, camera_key=c.camera_key, frame_stride=c.frame_stride,
-                        skip_corrupt=c.skip_corrupt)
+    kwargs = dict(target=c.target, camera_key=c.camera_key, frame_stride=c.frame_stride, skip_corrupt=c.skip_corrupt)
     set_seed(c.seed)
-    train_frames = VLAFrameDataset(source, episodes=train_eps, episode_cache_size=len(train_eps), **frame_kwargs)
-    eval_frames = VLAFrameDataset(source, episodes=eval_eps, episode_cache_size=len(eval_eps), **frame_kwargs)
-    # Sizes of the latent vocabulary: from the labelled dataset (its parquet columns; no video decoded yet).
+    return VLAFrames(source, dataset_key(c.dataset[0]), train_eps, eval_eps,
+                     VLAFrameDataset(source, episodes=train_eps, episode_cache_size=len(train_eps), **kwargs),
+                     VLAFrameDataset(source, episodes=eval_eps, episode_cache_size=len(eval_eps), **kwargs))
+
+
+def build_for_frames(c: VLATrainingConfig, frames: VLAFrames):
+    """(processor, model) sized for the data: the latent vocabulary from the labelled dataset (its parquet columns;
+    no video decoded yet), the action bins fitted on the training split; the frames' image size set from the
+    processor."""
     if c.target == "latent":
-        train_targets = train_frames.all_latent_codes()
-        latent_sequence_length = train_targets.shape[1]
-        num_latent_codes = c.num_latent_codes or _labelled_codebook_size(source) or 8
-        if train_targets.size and int(train_targets.max()) >= num_latent_codes:
-            raise ValueError(f"{name} holds latent code {int(train_targets.max())} but the run uses {num_latent_codes} "
-                             "codes")
+        frames.train_targets = frames.train.all_latent_codes()
+        latent_sequence_length = frames.train_targets.shape[1]
+        num_latent_codes = c.num_latent_codes or _labelled_codebook_size(frames.source) or 8
+        if frames.train_targets.size and int(frames.train_targets.max()) >= num_latent_codes:
+            raise ValueError(f"{frames.name} holds latent code {int(frames.train_targets.max())} but the run uses "
+                             f"{num_latent_codes} codes")
     else:
         latent_sequence_length, num_latent_codes = 4, c.num_latent_codes or 8
     processor, model = build_processor_and_model(c, num_latent_codes, latent_sequence_length)
@@ -400,173 +391,148 @@ def train(c: VLATrainingConfig) -> dict:
         raise ValueError(f"{c.init_from} predicts {model.config.latent_sequence_length} latent codes, the dataset has "
                          f"{latent_sequence_length}")
     # Frames are decoded at the processor's size (known only now); nothing has been decoded before this point.
-    image_size = processor.image_processor.size
-    image_size = image_size if isinstance(image_size, int) else image_size.get("height", image_size.get("shortest_edge"))
-    train_frames.image_size = eval_frames.image_size = image_size
+    size = processor.image_processor.size
+    frames.train.image_size = frames.heldout.image_size = (
+        size if isinstance(size, int) else size.get("height", size.get("shortest_edge")))
     if c.target == "action":
         # Bin statistics fitted on the training split only, stored in the processor under the dataset's name.
-        actions = train_frames.all_actions()
-        processor.fit_action_tokenizer(actions, dataset=name, gripper_dims=c.gripper_dims or None)
-        train_targets = processor.action_tokenizer.encode(actions, dataset=name)
+        actions = frames.train.all_actions()
+        processor.fit_action_tokenizer(actions, dataset=frames.name, gripper_dims=c.gripper_dims or None)
+        frames.train_targets = processor.action_tokenizer.encode(actions, dataset=frames.name)
+    return processor, model
 
-    base_dir = output_dir / "base"
+
+def make_dataloader(c: VLATrainingConfig, accelerator, frames: VLAFrames, processor):
+    """(dataloader, sampler): map-style with an `EpochSampler`, or a stream sharded by rank (sampler None)."""
+    from training.data import make_streaming_vla_frames
+
+    collator = VLACollator(processor, c.target, frames.name)
+    if c.streaming:
+        stream = make_streaming_vla_frames(frames.train, seed=c.seed, rank=accelerator.process_index,
+                                           world_size=accelerator.num_processes)
+        return torch.utils.data.DataLoader(stream, batch_size=c.batch_size, num_workers=c.num_workers,
+                                           collate_fn=collator, drop_last=True), None
+    sampler = EpochSampler([len(frames.train)], None, c.seed)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(
+        frames.train, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers, collate_fn=collator,
+        drop_last=True, persistent_workers=c.num_workers > 0, generator=torch.Generator().manual_seed(c.seed)))
+    if len(loader) == 0:
+        raise ValueError(f"{len(frames.train)} training frames are fewer than one batch of {c.batch_size}")
+    return loader, sampler
+
+
+class VLAStage(TrainingStage):
+    """Block-softmax training of the VLA on latent codes or action bins: loss, token accuracy, learning rate and
+    tokens/s in the log; held-out metrics against the majority baseline; the model (or LoRA adapter) with its
+    processor, the evaluation history and training curves at the end."""
+
+    def __init__(self, c: VLATrainingConfig, engine: TrainingEngine, model, optimizer, scheduler, trainable,
+                 dataloader, sampler, frames: VLAFrames, processor):
+        self.c, self.engine, self.frames, self.processor = c, engine, frames, processor
+        self.name = c.stage
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.dataloader, self.sampler, self.trainable = dataloader, sampler, trainable
+        self.trainable_only = c.lora
+        self.core = engine.accelerator.unwrap_model(model)
+        self.lapa = self.core.get_base_model() if c.lora else self.core
+        self.evals: list = []
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.window = {"loss": 0.0, "acc": 0.0, "n": 0, "t0": time.perf_counter(), "tokens": 0}
+
+    def trainable_parameters(self):
+        return self.trainable
+
+    def forward(self, batch, next_step):
+        batch = {k: torch.as_tensor(v).to(self.engine.accelerator.device) for k, v in batch.items()}
+        self._batch_tokens = int(batch["attention_mask"].sum())
+        return self.model(**batch)
+
+    def observe(self, output, batch) -> None:
+        w = self.window
+        w["loss"] += output.loss.item()
+        w["acc"] += output.target_accuracy.item()
+        w["n"] += 1
+        w["tokens"] += self._batch_tokens * self.engine.accelerator.num_processes
+
+    def log_record(self) -> dict:
+        w, elapsed = self.window, time.perf_counter() - self.window["t0"]
+        record = {"loss": w["loss"] / w["n"], "token_accuracy": w["acc"] / w["n"],
+                  "learning_rate": self.scheduler.get_last_lr()[0], "tokens_per_s": w["tokens"] / max(elapsed, 1e-9)}
+        self._reset_window()
+        return record
+
+    def postfix(self, record: dict) -> dict:
+        return {"loss": f"{record['loss']:.4f}", "acc": f"{record['token_accuracy']:.3f}"}
+
+    def evaluate(self, step: int) -> dict | None:
+        if not self.engine.is_main:
+            return None
+        f = self.frames
+        with torch.random.fork_rng(devices=[]):
+            metrics = evaluate(self.lapa, self.processor, f.heldout, self.c, f.name, f.train_targets,
+                               self.engine.accelerator.device)
+        metrics["step"] = step
+        tqdm.write(json.dumps({"eval": metrics}))
+        self.evals.append(metrics)
+        return metrics
+
+    def checkpoint_state(self) -> dict:
+        return {"evals": self.evals}
+
+    def restore(self, state: dict, rank_state: dict, step: int) -> None:
+        self.evals = state.get("evals", [])
+
+    def save_final(self, output_dir: Path, result) -> None:
+        c = self.c
+        if c.lora:
+            save_dir = output_dir / "adapter"
+            self.core.save_pretrained(str(save_dir))
+            _point_adapter_at_base(save_dir, c.init_from or str((output_dir / "base").resolve()))
+        else:
+            save_dir = output_dir / "model"
+            self.lapa.save_pretrained(str(save_dir))
+        self.processor.save_pretrained(str(save_dir))
+        (save_dir / "training_config.json").write_text(json.dumps(self.record, indent=2))
+        (output_dir / "eval_metrics.json").write_text(json.dumps({"final": result.last_eval, "history": self.evals},
+                                                                 indent=2))
+        plot_training_curves(result.history, self.evals, output_dir / "training_curves.png",
+                             title=f"{c.stage} ({c.target} targets) on {self.frames.name}")
+        logger.info("saved to %s", save_dir)
+
+
+def train(c: VLATrainingConfig) -> dict:
+    engine = TrainingEngine(c, name=f"lapa_{c.stage}")
+    frames = load_frames(c)
+    processor, model = build_for_frames(c, frames)
+    base_dir = engine.output_dir / "base"
     if c.lora:
-        if main and not c.init_from and not (base_dir / "config.json").exists():
+        if engine.is_main and not c.init_from and not (base_dir / "config.json").exists():
             # The adapter needs its base on disk: the tiny or resized backbone exists nowhere else.
             model.save_pretrained(str(base_dir))
             processor.save_pretrained(str(base_dir))
         model = apply_lora(model, c)
     if c.gradient_checkpointing:
         enable_activation_checkpointing(model)
-
-    collator = VLACollator(processor, c.target, name)
-    if c.streaming:
-        stream = make_streaming_vla_frames(train_frames, seed=c.seed, rank=accelerator.process_index,
-                                           world_size=accelerator.num_processes)
-        dataloader = torch.utils.data.DataLoader(stream, batch_size=c.batch_size, num_workers=c.num_workers,
-                                                 collate_fn=collator, drop_last=True)
-        sampler = None
-    else:
-        from training.train_quantizer import EpochSampler
-
-        sampler = EpochSampler([len(train_frames)], None, c.seed)
-        loader = torch.utils.data.DataLoader(train_frames, batch_size=c.batch_size, sampler=sampler,
-                                             num_workers=c.num_workers, collate_fn=collator, drop_last=True,
-                                             persistent_workers=c.num_workers > 0,
-                                             generator=torch.Generator().manual_seed(c.seed))
-        dataloader = accelerator.prepare(loader)
-        if len(dataloader) == 0:
-            raise ValueError(f"{len(train_frames)} training frames are fewer than one batch of {c.batch_size}")
-
+    dataloader, sampler = make_dataloader(c, engine.accelerator, frames, processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=c.learning_rate, betas=tuple(c.adam_betas), weight_decay=c.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(c))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
-    lapa = core.get_base_model() if c.lora else core
-
-    step, epoch, batch_in_epoch, history, evals = 0, 0, 0, [], []
-    if c.resume:
-        folder = latest_checkpoint(output_dir)
-        if folder is None:
-            logger.info("--resume: no checkpoint in %s yet, starting from scratch", output_dir)
-        else:
-            state, _ = load_checkpoint(accelerator, folder, model=model, optimizer=optimizer)
-            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            history, evals = state.get("history", []), state.get("evals", [])
-            with warnings.catch_warnings():  # fast-forward the schedule (no optimizer step happens here)
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(step):
-                    scheduler.step()
-            if main:
-                logger.info("resumed from %s (step %d)", folder, step)
-
-    record = {**dataclasses.asdict(c), "preset": getattr(c, "preset", None), "stage": getattr(c, "stage", None),
-              "dataset_key": name, "split": {"train_episodes": train_eps, "heldout_episodes": eval_eps},
-              "world_size": accelerator.num_processes,
-              "effective_batch_size": c.batch_size * accelerator.num_processes * c.gradient_accumulation_steps}
-    if main:
-        (output_dir / "training_config.json").write_text(json.dumps(record, indent=2))
-        accelerator.init_trackers(f"lapa_{getattr(c, 'stage', 'vla')}", config={
-            k: v for k, v in dataclasses.asdict(c).items() if isinstance(v, (int, float, str, bool))})
-        n_all = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model, optimizer = engine.accelerator.prepare(model, optimizer)
+    stage = VLAStage(c, engine, model, optimizer, scheduler, trainable, dataloader, sampler, frames, processor)
+    stage.record = {**dataclasses.asdict(c), "dataset_key": frames.name,
+                    "split": {"train_episodes": frames.train_episodes, "heldout_episodes": frames.heldout_episodes},
+                    "world_size": engine.accelerator.num_processes, "effective_batch_size": engine.effective_batch_size}
+    if engine.is_main:
         logger.info("model %.2fM parameters (%.2fM trained); %d training frames (%d episodes), %d held-out frames; "
-                    "target %s", n_all / 1e6, n_train / 1e6, len(train_frames), len(train_eps), len(eval_frames),
-                    c.target)
-
-    def run_eval():
-        if not main:
-            return None
-        with torch.random.fork_rng(devices=[]):
-            metrics = evaluate(lapa, processor, eval_frames, c, name, train_targets, accelerator.device)
-        metrics["step"] = step
-        tqdm.write(json.dumps({"eval": metrics}))
-        return metrics
-
-    def trainer_state():
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history, "evals": evals,
-                "config": record}
-
-    model.train()
-    progress = tqdm(total=c.max_steps, initial=step, disable=not main, desc=f"{getattr(c, 'stage', 'train')}",
-                    dynamic_ncols=True)
-    window = {"loss": 0.0, "acc": 0.0, "n": 0, "t0": time.perf_counter(), "tokens": 0}
-    while step < c.max_steps:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(dataloader, batch_in_epoch) if batch_in_epoch else dataloader
-        else:
-            dataloader.dataset.set_epoch(epoch)
-            batches = iter(dataloader)
-            for _ in range(batch_in_epoch):
-                next(batches)
-        for batch in batches:
-            batch = {k: torch.as_tensor(v).to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                out = model(**batch)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and c.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, c.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            batch_in_epoch += 1
-            window["loss"] += out.loss.item()
-            window["acc"] += out.target_accuracy.item()
-            window["n"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            progress.update(1)
-            if step % c.log_every == 0 or step == c.max_steps:
-                elapsed = time.perf_counter() - window["t0"]
-                entry = {"step": step, "loss": window["loss"] / window["n"], "token_accuracy": window["acc"] / window["n"],
-                         "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                         "epoch": epoch}
-                history.append(entry)
-                accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=step)
-                progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['token_accuracy']:.3f}")
-                window = {"loss": 0.0, "acc": 0.0, "n": 0, "t0": time.perf_counter(), "tokens": 0}
-            if step % c.eval_every == 0 and step < c.max_steps:
-                metrics = run_eval()
-                if metrics is not None:
-                    evals.append(metrics)
-                    accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-                accelerator.wait_for_everyone()
-            if step % c.save_every == 0 or step == c.max_steps:
-                save_checkpoint(accelerator, output_dir, step, model=model, optimizer=optimizer,
-                                trainer_state=trainer_state(), keep=c.keep_checkpoints, trainable_only=c.lora)
-            if step >= c.max_steps:
-                break
-        else:
-            epoch += 1
-            batch_in_epoch = 0
-            continue
-        break
-    progress.close()
-
-    final = run_eval()
-    if final is not None:
-        evals.append(final)
-    accelerator.wait_for_everyone()
-    if main:
-        if c.lora:
-            save_dir = output_dir / "adapter"
-            core.save_pretrained(str(save_dir))
-            _point_adapter_at_base(save_dir, c.init_from or str(base_dir.resolve()))
-        else:
-            save_dir = output_dir / "model"
-            lapa.save_pretrained(str(save_dir))
-        processor.save_pretrained(str(save_dir))
-        (save_dir / "training_config.json").write_text(json.dumps(record, indent=2))
-        (output_dir / "eval_metrics.json").write_text(json.dumps({"final": final, "history": evals}, indent=2))
-        plot_training_curves(history, evals, output_dir / "training_curves.png", title=f"{getattr(c, 'stage', '')} "
-                             f"({c.target} targets) on {name}")
-        logger.info("saved to %s", save_dir)
-    accelerator.end_training()
-    return {"step": step, "eval": final, "evals": evals, "history": history, "output": str(output_dir)}
+                    "target %s", sum(p.numel() for p in model.parameters()) / 1e6,
+                    sum(p.numel() for p in trainable) / 1e6, len(frames.train), len(frames.train_episodes),
+                    len(frames.heldout), c.target)
+    tracker_config = {k: v for k, v in dataclasses.asdict(c).items() if isinstance(v, (int, float, str, bool))}
+    result = engine.fit(stage, stage.record, tracker_config)
+    return {"step": result.step, "eval": result.last_eval, "evals": stage.evals, "history": result.history,
+            "output": str(engine.output_dir)}
 
 
 def plot_training_curves(history: list[dict], evals: list[dict], path: Path, title: str = "") -> None:

@@ -660,5 +660,11 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
     return summary
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The `lapa-generate-metaworld` command: `main` with an exit status."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -1,0 +1,1 @@
+"""Held-out and closed-loop evaluation (temporary stub; the evaluation package lands here)."""
