@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 SCRIPT_MODULES = [

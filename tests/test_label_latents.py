@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -19,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO_ROOT
+from support import REPO_ROOT, accelerate_launch
 from data_fixtures import build_v21_dataset, synthetic_frames
 
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
@@ -76,27 +74,14 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
-
-
 def _common_args(workspace: Path, output: Path) -> list[str]:
     return ["--dataset", str(workspace / "source"), "--quantizer", str(workspace / "quantizer"),
             "--output", str(output), "--batch-size", str(BATCH_SIZE)]
 
 
-def _launch_two_processes(workspace: Path, output: Path, *extra: str, port: int) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        str(REPO_ROOT / "training" / "label_latents.py"), *_common_args(workspace, output), "--num-workers", "0",
-        "--episodes-per-shard", "1", *extra,
-    ]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=_env(), timeout=300)
+def _launch_two_processes(workspace: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    return accelerate_launch(REPO_ROOT / "training" / "label_latents.py", *_common_args(workspace, output),
+                             "--num-workers", "0", "--episodes-per-shard", "1", *extra, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +179,7 @@ def test_output_loads_with_our_reader_and_with_datasets(workspace, single_run):
 def test_two_processes_killed_and_resumed_equal_one_process(workspace, single_run):
     output = workspace / "two_processes"
     # The main process SIGKILLs itself after its first shard; the launcher then stops the other one.
-    killed = _launch_two_processes(workspace, output, "--debug-kill-after-shards", "1", port=29561)
+    killed = _launch_two_processes(workspace, output, "--debug-kill-after-shards", "1")
     assert killed.returncode != 0
     work_dir = output / WORK_DIR_NAME
     done = sorted(p.name for p in work_dir.glob("shard-*.parquet"))
@@ -203,7 +188,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(workspace, single_ru
     # what a process killed while writing leaves behind: the resume must ignore and delete it
     (work_dir / "shard-000004.parquet.tmp-1-12345").write_bytes(b"half a parquet file")
 
-    resumed = _launch_two_processes(workspace, output, port=29562)
+    resumed = _launch_two_processes(workspace, output)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming: {len(done)} of {len(LENGTHS)} shards already labelled (1 half-written" in resumed.stderr
 

@@ -27,7 +27,7 @@ from modeling_lapa.modeling_lwm import official_position_ids, official_to_combin
 from processing_lapa import LWMImageProcessor, LWMProcessor
 from processing_lapa.processing_lwm import LWM_LATENT_SUFFIX, LWM_PROMPT_TEMPLATE
 
-from conftest import FIXTURES, run_without_the_project
+from support import FIXTURES, run_without_the_project
 
 spm = pytest.importorskip("sentencepiece")
 

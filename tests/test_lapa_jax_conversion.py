@@ -38,7 +38,7 @@ from modeling_lapa.modeling_lwm import (
     official_to_combined_ids,
 )
 
-from conftest import FIXTURES
+from support import FIXTURES
 
 HERE = FIXTURES / "lapa_vla"
 PARAMS = HERE / "tiny_delta_params"

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
-from conftest import FIXTURES
+from support import FIXTURES
 from modeling_lapa.convert_lwm_vqgan import (
     UnsafePickleError,
     convert_lwm_vqgan,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-from conftest import run_without_the_project
+from support import run_without_the_project
 from processing_lapa import (
     ActionTokenizer,
     LAPAImageProcessor,

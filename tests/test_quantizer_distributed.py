@@ -1,23 +1,15 @@
 """Two CPU processes under `accelerate launch`: unequal codebook usage per rank, identical codebooks at the end."""
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO_ROOT
+import pytest
+
+from support import REPO_ROOT, accelerate_launch
 
 
+@pytest.mark.slow
 def test_two_process_run_keeps_codebooks_bitwise_identical(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        str(REPO_ROOT / "tests" / "scripts" / "ddp_codebook_sync.py"), "--output", str(tmp_path),
-    ]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=600)
+    result = accelerate_launch(REPO_ROOT / "tests" / "scripts" / "ddp_codebook_sync.py", "--output", tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]

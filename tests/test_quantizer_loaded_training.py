@@ -11,7 +11,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES
+from support import FIXTURES
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
 from modeling_lapa.convert_laq_checkpoint import convert_checkpoint
 from test_train_quantizer import TINY_MODEL, run_config, write_moving_square_dataset

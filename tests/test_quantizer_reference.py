@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 import modeling_lapa  # noqa: F401  (registers the Auto classes)
-from conftest import FIXTURES, REPO_ROOT
+from support import FIXTURES, REPO_ROOT
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
 from modeling_lapa.convert_laq_checkpoint import (
     REFERENCE_CONSTRUCTOR_KWARGS,

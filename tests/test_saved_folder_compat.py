@@ -12,7 +12,7 @@ from transformers import AutoModel
 
 import modeling_lapa  # noqa: F401
 import processing_lapa  # noqa: F401
-from conftest import FIXTURES, run_without_the_project
+from support import FIXTURES, run_without_the_project
 
 FOLDER = FIXTURES / "saved_vla"
 EXPECTED = json.loads((FOLDER / "expected.json").read_text())

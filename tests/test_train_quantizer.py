@@ -1,7 +1,6 @@
 """training/train_quantizer.py: settings resolution, exact resume after a kill, 2-process training in sync."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
+from support import REPO_ROOT, accelerate_launch, subprocess_env
 from training.data import LeRobotDatasetWriter
 from training.train_quantizer import resolve_config, split_episodes
 
@@ -108,10 +107,7 @@ def _train(args, env, **kwargs):
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return subprocess_env()
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path, dataset):
@@ -151,10 +147,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path, dataset):
 
 def test_two_process_training_keeps_identical_codebooks(tmp_path, dataset):
     config = run_config(tmp_path, dataset, max_steps=20, save_every=10, model={**TINY_MODEL, "replacement_steps": [5, 10, 15, 20]})
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           SCRIPT, "--config", str(config), "--output-dir", str(tmp_path / "ddp")]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    result = accelerate_launch(SCRIPT, "--config", config, "--output-dir", tmp_path / "ddp")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "replaced" in result.stderr + result.stdout
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-0000020" / "trainer_state.json").read_text())

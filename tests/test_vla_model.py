@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoProcessor
 
 import modeling_lapa  # noqa: F401
 import processing_lapa  # noqa: F401
-from conftest import run_without_the_project
+from support import run_without_the_project
 from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config
 from modeling_lapa.loading import StrictLoadingError
 from processing_lapa import LAPAImageProcessor, LAPAProcessor, build_tiny_tokenizer

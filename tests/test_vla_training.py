@@ -195,20 +195,13 @@ def test_a_pretrained_backbone_folder_is_wrapped_with_new_tokens(dataset, tmp_pa
     assert model.get_input_embeddings().weight.shape[0] == old_rows.shape[0] + 8 + 256
 
 
+@pytest.mark.slow
 def test_two_process_pretraining_under_accelerate_launch(dataset, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
+    from support import REPO_ROOT, accelerate_launch
 
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29583",
-           str(REPO_ROOT / "training" / "pretrain.py"), *common(dataset, out, 4), "--save-every", "2", "--eval-every", "100"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = accelerate_launch(REPO_ROOT / "training" / "pretrain.py", *common(dataset, out, 4), "--save-every", "2",
+                               "--eval-every", "100")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((out / "model" / "training_config.json").read_text())
     assert record["world_size"] == 2 and record["effective_batch_size"] == 16
