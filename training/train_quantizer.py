@@ -15,7 +15,7 @@ overridden by a YAML file (`--config`) and then by the command line; unknown key
 
 Checkpoints (`--save-every`) hold everything needed to resume exactly (weights, optimizer, step, data position, RNG
 states, codebook usage counters); `--resume` continues from the latest one. Every `--eval-every` steps and at the
-end, the held-out evaluation (`training/quantizer_eval.py`) writes metrics and plots under `<output_dir>/eval/`.
+end, the held-out evaluation (`training/eval/`) writes metrics and plots under `<output_dir>/eval/`.
 The final model is saved with `save_pretrained` in `<output_dir>/model`, with `training_config.json` beside it.
 """
 
@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
 from modeling_lapa.configuration_lapa_quantizer import REFERENCE_REPLACEMENT_STEPS  # noqa: E402
 from modeling_lapa.transformers_compat import enable_activation_checkpointing  # noqa: E402
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from training.eval import evaluate_quantizer, scalar_metrics  # noqa: E402
 from training.settings import (  # noqa: E402
     add_config_arguments, coerce_settings, preset_and_file_settings, settings_from_args, trackers,
 )
@@ -375,8 +375,6 @@ def train(c: QuantizerTrainingConfig) -> dict:
         source's training pairs. One source: its metrics; several: {"sources": {name: metrics}}."""
         if not main:
             return None
-        from training.quantizer_eval import evaluate_quantizer
-
         step_dir = output_dir / "eval" / f"step-{step:07d}"
         results = {}
         # The evaluation must not move the training RNG streams (exact resume, identical runs with or without it).
@@ -446,7 +444,7 @@ def train(c: QuantizerTrainingConfig) -> dict:
                 metrics = run_eval()
                 if metrics is not None:
                     last_eval = metrics
-                    accelerator.log(_flat_scalars(metrics, "eval"), step=step)
+                    accelerator.log(scalar_metrics(metrics, "eval"), step=step)
                 accelerator.wait_for_everyone()
             if step % c.save_every == 0 or step == c.max_steps:
                 sync_checks.append({"step": step, "codebooks_identical": codebooks_in_sync(accelerator, nsvq.codebook),
@@ -466,7 +464,7 @@ def train(c: QuantizerTrainingConfig) -> dict:
     final_eval = run_eval()
     if final_eval is not None:
         last_eval = final_eval
-        accelerator.log(_flat_scalars(final_eval, "eval"), step=step)
+        accelerator.log(scalar_metrics(final_eval, "eval"), step=step)
     accelerator.wait_for_everyone()
     if main:
         model_dir = output_dir / "model"
@@ -489,20 +487,6 @@ def codebooks_in_sync(accelerator, codebook: torch.Tensor) -> bool:
     if not same:
         raise RuntimeError("The codebooks of the ranks diverged; codebook replacement must take the same decision on every rank.")
     return True
-
-
-def _flat_scalars(metrics: dict, prefix: str) -> dict:
-    """Numbers of a nested metrics dict as `prefix/a/b` scalars, for trackers."""
-    flat = {}
-    for key, value in metrics.items():
-        name = f"{prefix}/{key}"
-        if isinstance(value, bool):
-            flat[name] = float(value)
-        elif isinstance(value, (int, float)) and math.isfinite(float(value)):
-            flat[name] = float(value)
-        elif isinstance(value, dict):
-            flat.update(_flat_scalars(value, name))
-    return flat
 
 
 def main(argv: list[str] | None = None) -> int:
