@@ -1,12 +1,13 @@
 """Held-out evaluation of the LAPA models, one module per concern.
 
-    from training.eval import evaluate_quantizer, scalar_metrics
+    from training.eval import evaluate_quantizer, evaluate_vla, scalar_metrics
 
 - `quantizer`: `evaluate_quantizer`, the latent action quantizer's evaluation (its definitions are in that module's
   docstring), composed of `encoding` (one pass of the model over frame pairs), `metrics` (next-frame prediction,
   codebook usage), `actions` (the probes' ground-truth targets), `probes` (ridge and MLP action probes against a
   leakage baseline) and `plots`.
-- `metrics.scalar_metrics`: the flattener of nested metric dicts into tracker scalars.
+- `vla`: `evaluate_vla`, the vision-language-action model's held-out token accuracy against the majority baseline.
+- `metrics.scalar_metrics`: the one flattener of nested metric dicts into tracker scalars, used by every script.
 """
 
 from .actions import ACTION_TARGETS, action_names, action_targets, default_position_dims, window_mean_actions
@@ -22,6 +23,7 @@ from .plots import (
 )
 from .probes import FEATURE_SETS, MLPProbe, RidgeProbe, Standardizer, probe_features, r2_per_dimension, run_probes
 from .quantizer import evaluate_quantizer
+from .vla import evaluate_vla, majority_accuracy, majority_tokens
 
 __all__ = [
     "ACTION_TARGETS",
@@ -39,7 +41,10 @@ __all__ = [
     "default_position_dims",
     "encode_pairs",
     "evaluate_quantizer",
+    "evaluate_vla",
     "latent_explorer_images",
+    "majority_accuracy",
+    "majority_tokens",
     "perplexity",
     "plot_action_scatter",
     "plot_codebook_usage",
