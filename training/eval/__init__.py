@@ -1,6 +1,6 @@
 """Held-out evaluation of the LAPA models, one module per concern.
 
-    from training.eval import evaluate_quantizer, evaluate_vla, scalar_metrics
+    from training.eval import evaluate_quantizer, evaluate_vla, scalar_metrics, wilson_interval
 
 - `quantizer`: `evaluate_quantizer`, the latent action quantizer's evaluation (its definitions are in that module's
   docstring), composed of `encoding` (one pass of the model over frame pairs), `metrics` (next-frame prediction,
@@ -8,10 +8,12 @@
   leakage baseline) and `plots`.
 - `vla`: `evaluate_vla`, the vision-language-action model's held-out token accuracy against the majority baseline.
 - `metrics.scalar_metrics`: the one flattener of nested metric dicts into tracker scalars, used by every script.
+- `intervals`: `wilson_interval`, confidence intervals of closed-loop success rates.
 """
 
 from .actions import ACTION_TARGETS, action_names, action_targets, default_position_dims, window_mean_actions
 from .encoding import EncodedPairs, choose_rows, collate_pairs, encode_pairs
+from .intervals import wilson_interval
 from .metrics import MIN_CODE_FRACTION, codebook_metrics, perplexity, psnr, reconstruction_metrics, scalar_metrics
 from .plots import (
     latent_explorer_images,
@@ -56,6 +58,7 @@ __all__ = [
     "reconstruction_metrics",
     "run_probes",
     "scalar_metrics",
+    "wilson_interval",
     "window_mean_actions",
     "write_plots",
 ]
