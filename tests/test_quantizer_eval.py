@@ -1,5 +1,5 @@
-"""Held-out quantizer evaluation on a real (tiny) LeRobot v3.0 dataset of a moving square whose per-step
-displacement is the action: metrics against direct computations, the probes on synthetic arrays, the
+"""Held-out quantizer evaluation (training/eval/) on a real (tiny) LeRobot v3.0 dataset of a moving square whose
+per-step displacement is the action: metrics against direct computations, the probes on synthetic arrays, the
 window-mean action target, plots and JSON, and a video folder without actions."""
 
 import json
@@ -10,20 +10,12 @@ import torch
 
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
 from training.data import FramePairDataset, LeRobotDatasetWriter, VideoFolderDataset, encode_video, load_lerobot_dataset
-from training.quantizer_eval import (
-    MLPProbe,
-    RidgeProbe,
-    action_targets,
-    choose_rows,
-    codebook_metrics,
-    encode_pairs,
-    evaluate_quantizer,
-    plot_codebook_usage,
-    r2_per_dimension,
-    run_probes,
-    scalar_metrics,
-    window_mean_actions,
-)
+from training.eval.actions import action_targets, window_mean_actions
+from training.eval.encoding import choose_rows, encode_pairs
+from training.eval.metrics import codebook_metrics, scalar_metrics
+from training.eval.plots import plot_codebook_usage
+from training.eval.probes import MLPProbe, RidgeProbe, r2_per_dimension, run_probes
+from training.eval.quantizer import evaluate_quantizer
 
 IMAGE_SIZE, SQUARE, FPS, NUM_FRAMES = 32, 8, 10, 16
 GAP_SECONDS = 0.2  # 2 frames at 10 fps

@@ -15,7 +15,7 @@ overridden by a YAML file (`--config`) and then by the command line; unknown key
 
 Checkpoints (`--save-every`) hold everything needed to resume exactly (weights, optimizer, step, data position, RNG
 states, codebook usage counters); `--resume` continues from the latest one. Every `--eval-every` steps and at the
-end, the held-out evaluation (`training/quantizer_eval.py`) writes metrics and plots under `<output_dir>/eval/`.
+end, the held-out evaluation (`training/eval/`) writes metrics and plots under `<output_dir>/eval/`.
 The final model is saved with `save_pretrained` in `<output_dir>/model`, with `training_config.json` beside it.
 """
 
@@ -37,6 +37,7 @@ from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
 from modeling_lapa.configuration_lapa_quantizer import REFERENCE_REPLACEMENT_STEPS
 from modeling_lapa.transformers_compat import enable_activation_checkpointing
 from training.engine import TrainingEngine, TrainingStage
+from training.eval import evaluate_quantizer
 from training.settings import preset_config, resolve_stage_config, stage_parser
 
 logger = logging.getLogger("train_quantizer")
@@ -345,8 +346,6 @@ class QuantizerStage(TrainingStage):
         One source: its metrics; several: {"step": step, "sources": {name: metrics}}."""
         if not self.engine.is_main:
             return None
-        from training.quantizer_eval import evaluate_quantizer
-
         c, d = self.c, self.data
         step_dir = self.engine.output_dir / "eval" / f"step-{step:07d}"
         results = {}

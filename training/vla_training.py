@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config
 from modeling_lapa.transformers_compat import enable_activation_checkpointing
 from training.engine import TrainingEngine, TrainingStage
+from training.eval import evaluate_vla
 from training.settings import preset_config, resolve_stage_config, stage_parser
 from training.train_quantizer import EpochSampler, split_episodes  # TEMPORARY until the data layer has them
 
@@ -275,62 +276,6 @@ class VLACollator:
         return dict(inputs)
 
 
-def majority_accuracy(train_targets: np.ndarray, eval_targets: np.ndarray, per_position: bool = False):
-    """Accuracy of predicting, at every target position, the most frequent training token of that position (per
-    position with `per_position`)."""
-    majority = np.array([np.bincount(column).argmax() for column in train_targets.T])
-    hits = eval_targets == majority[None, :]
-    return hits.mean(axis=0).round(4).tolist() if per_position else float(hits.mean())
-
-
-@torch.no_grad()
-def evaluate(model, processor, frames, c: VLATrainingConfig, dataset: str | None, train_targets: np.ndarray,
-             device) -> dict:
-    """Held-out loss and teacher-forced token accuracy (each target a softmax over its own block), per position,
-    against the majority baseline; for actions also the L1 error of the greedy decoded actions."""
-    model.eval()
-    count = min(len(frames), c.eval_max_frames)
-    order = np.random.default_rng(c.seed).permutation(len(frames))[:count]
-    collator = VLACollator(processor, c.target, dataset)
-    losses, correct, tokens, per_position, eval_targets, l1, true_actions = [], 0, 0, None, [], [], []
-    for start in range(0, count, c.eval_batch_size):
-        items = [frames[int(i)] for i in order[start:start + c.eval_batch_size]]
-        inputs = {k: torch.as_tensor(v).to(device) for k, v in collator(items).items()}
-        out = model(**inputs)
-        losses.append(float(out.loss) * int(out.num_target_tokens))
-        tokens += int(out.num_target_tokens)
-        correct += round(float(out.target_accuracy) * int(out.num_target_tokens))
-        k = (inputs["labels"] != -100).sum(dim=1)[0].item()
-        logits = out.logits[:, -k - 1:-1]
-        target_ids = inputs["labels"][:, -k:]
-        offset, size = ((model.config.latent_token_offset, model.config.num_latent_codes) if c.target == "latent"
-                        else (model.config.action_token_offset, model.config.num_action_bins))
-        predicted = logits[..., offset:offset + size].argmax(-1)
-        hits = (predicted == (target_ids - offset)).float().sum(0).cpu().numpy()
-        per_position = hits if per_position is None else per_position + hits
-        eval_targets.append((target_ids - offset).cpu().numpy())
-        if c.target == "action":
-            predicted_actions = processor.decode_actions((predicted + offset).cpu().numpy(), dataset=dataset)
-            true_actions.append(np.stack([np.asarray(item["action"]) for item in items]))
-            l1.append(np.abs(predicted_actions - true_actions[-1]).mean(axis=1))
-    model.train()
-    eval_targets = np.concatenate(eval_targets)
-    metrics = {
-        "eval_frames": int(count),
-        "loss": sum(losses) / max(tokens, 1),
-        "token_accuracy": correct / max(tokens, 1),
-        "token_accuracy_per_position": (per_position / count).round(4).tolist(),
-        "majority_baseline_accuracy": majority_accuracy(train_targets, eval_targets),
-        "majority_baseline_accuracy_per_position": majority_accuracy(train_targets, eval_targets, per_position=True),
-    }
-    if c.target == "action":
-        majority = np.array([np.bincount(column).argmax() for column in train_targets.T])
-        majority_actions = processor.decode_actions((majority + model.config.action_token_offset)[None], dataset=dataset)
-        metrics["action_l1_teacher_forced"] = float(np.concatenate(l1).mean())
-        metrics["majority_baseline_action_l1"] = float(np.abs(np.concatenate(true_actions) - majority_actions).mean())
-    return metrics
-
-
 # ------------------------------------------------------------------------------------------------------ training
 def _lr_lambda(c: VLATrainingConfig):
     def factor(step: int) -> float:
@@ -470,9 +415,12 @@ class VLAStage(TrainingStage):
         if not self.engine.is_main:
             return None
         f = self.frames
+        c = self.c
         with torch.random.fork_rng(devices=[]):
-            metrics = evaluate(self.lapa, self.processor, f.heldout, self.c, f.name, f.train_targets,
-                               self.engine.accelerator.device)
+            metrics = evaluate_vla(self.lapa, self.processor, f.heldout, VLACollator(self.processor, c.target, f.name),
+                                   f.train_targets, target=c.target, dataset=f.name,
+                                   device=self.engine.accelerator.device, max_frames=c.eval_max_frames,
+                                   batch_size=c.eval_batch_size, seed=c.seed)
         metrics["step"] = step
         tqdm.write(json.dumps({"eval": metrics}))
         self.evals.append(metrics)
