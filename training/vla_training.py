@@ -256,7 +256,7 @@ def apply_lora(model: LAPAForActionPrediction, c: VLATrainingConfig):
 
 # -------------------------------------------------------------------------------------------------------- data
 def split_dataset_episodes(source, c: VLATrainingConfig, index: int) -> tuple[list[int], list[int]]:
-    from training.train_quantizer import split_episodes
+    from training.data import split_episodes
 
     train, held = split_episodes(source, c.holdout_episodes, c.seed + index)
     if c.train_episodes_per_task:
@@ -427,7 +427,7 @@ def train(c: VLATrainingConfig) -> dict:
                                                  collate_fn=collator, drop_last=True)
         sampler = None
     else:
-        from training.train_quantizer import EpochSampler
+        from training.data import EpochSampler
 
         sampler = EpochSampler([len(train_frames)], None, c.seed)
         loader = torch.utils.data.DataLoader(train_frames, batch_size=c.batch_size, sampler=sampler,

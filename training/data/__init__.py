@@ -7,7 +7,7 @@
     stream = make_streaming_frame_pairs(robot, image_size=128, rank=0, world_size=2)
 
 Modules: `video` (PyAV decode/encode), `lerobot_reader`, `lerobot_writer`, `lerobot_format` (format facts),
-`stats`, `frame_pairs`, `video_folder`, `errors`.
+`stats`, `frame_pairs`, `splits` (held-out episodes, epoch samplers), `video_folder`, `errors`.
 """
 
 from .errors import (
@@ -24,6 +24,7 @@ from .errors import (
 from .frame_pairs import FramePairDataset, gap_in_frames, make_streaming_frame_pairs
 from .lerobot_reader import LeRobotDataset, LeRobotDatasetMetadata, load_lerobot_dataset, resolve_dataset_root
 from .lerobot_writer import LeRobotDatasetWriter
+from .splits import EpochSampler, split_episodes
 from .video import VideoEncoder, VideoFrameReader, decode_video, encode_video, probe_video
 from .video_folder import VideoFolderDataset, read_video_labels
 from .vla_frames import VLAFrameDataset, collate_vla_frames, make_streaming_vla_frames
@@ -32,6 +33,7 @@ __all__ = [
     "DataFileError",
     "DataLayerError",
     "EmptyEpisodeError",
+    "EpochSampler",
     "FramePairDataset",
     "FrameTimestampError",
     "GapLongerThanEpisodeError",
@@ -56,4 +58,5 @@ __all__ = [
     "probe_video",
     "read_video_labels",
     "resolve_dataset_root",
+    "split_episodes",
 ]
