@@ -19,13 +19,14 @@ import torch
 
 from data_fixtures import TASKS, best_matching_frame, synthetic_frames, write_with_writer
 from training.data import (
+    LATENT_ACTION_KEY,
+    UNLABELLED_CODE,
     LeRobotDatasetWriter,
     VLAFrameDataset,
     collate_vla_frames,
     load_lerobot_dataset,
     make_streaming_vla_frames,
 )
-from training.latent_labels import LATENT_ACTION_KEY, UNLABELLED_CODE
 
 LENGTHS = (12, 9, 15, 7, 10)
 UNLABELLED_EPISODE = 2  # labelling "failed" on it: every slot of its rows is UNLABELLED_CODE

@@ -39,7 +39,6 @@ import re
 import shutil
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -47,6 +46,14 @@ import pyarrow.parquet as pq
 import torch
 
 from .data.errors import SkippedEpisode
+from .data.latent_actions import (
+    LABELLING_INFO_KEY,
+    LATENT_ACTION_KEY,
+    UNLABELLED_CODE,
+    data_schema_with_latent_actions,
+    latent_action_feature,
+    without_latent_actions,
+)
 from .data.lerobot_format import (
     CODEBASE_VERSION,
     DATA_PATH,
@@ -68,9 +75,6 @@ from .data.stats import compute_vector_stats, stats_to_json
 
 logger = logging.getLogger(__name__)
 
-LATENT_ACTION_KEY = "latent_action"
-LABELLING_INFO_KEY = "latent_action_labelling"  # info.json record of how the labels were made
-UNLABELLED_CODE = -1  # every slot of a row whose episode could not be labelled
 WORK_DIR_NAME = ".labelling"
 PLAN_FILE = "plan.json"
 DEFAULT_GAP_SECONDS = 0.6  # the paper's gap for robot video
@@ -407,36 +411,6 @@ def encode_episode(
 
 
 # -- merging --------------------------------------------------------------------------------------------------
-def latent_action_feature(code_seq_len: int) -> dict:
-    """The `info.json` feature of the labels: int64, one code per slot."""
-    return {"dtype": "int64", "shape": [code_seq_len], "names": [f"slot_{i}" for i in range(code_seq_len)]}
-
-
-def _without_old_labels(table: pa.Table) -> pa.Table:
-    """A source labelled before (relabelling with another quantizer): its `latent_action` column is dropped, also
-    from the `huggingface` schema metadata, and replaced by the new labels."""
-    if LATENT_ACTION_KEY not in table.column_names:
-        return table
-    table = table.drop_columns([LATENT_ACTION_KEY])
-    metadata = dict(table.schema.metadata or {})
-    if b"huggingface" in metadata:
-        hf = json.loads(metadata[b"huggingface"])
-        hf.get("info", {}).get("features", {}).pop(LATENT_ACTION_KEY, None)
-        metadata[b"huggingface"] = json.dumps(hf).encode()
-    return table.replace_schema_metadata(metadata)
-
-
-def _data_schema_with_labels(schema: pa.Schema, code_seq_len: int) -> pa.Schema:
-    """The source's data schema with `latent_action` appended, and the `huggingface` schema metadata updated so
-    that `datasets.load_dataset("parquet", ...)` reads every column back with its type."""
-    features = datasets.Features.from_arrow_schema(schema)
-    features[LATENT_ACTION_KEY] = datasets.List(datasets.Value("int64"), length=code_seq_len)
-    labelled = features.arrow_schema
-    metadata = dict(schema.metadata or {})
-    metadata[b"huggingface"] = labelled.metadata[b"huggingface"]
-    return schema.append(labelled.field(LATENT_ACTION_KEY)).with_metadata(metadata)
-
-
 def _link_or_copy(source: Path, destination: Path, *, copy: bool) -> str:
     """Hard-links `source` (resolved: Hub snapshots hold symlinks) to `destination`, or copies it when linking is
     impossible (another file system) or `copy` is set. Replaces an existing destination atomically."""
@@ -517,7 +491,7 @@ def _rewrite_data_files(meta, output: Path, label_index, label_codes, skipped_ep
                 f"{source_path}: the source data file is unreadable ({error}); its rows cannot be carried over to "
                 "the labelled dataset (repair or remove it from the source)"
             ) from error
-        table = _without_old_labels(table)
+        table = without_latent_actions(table)
         row_index = column_to_numpy(table.column("index")).astype(np.int64)
         row_episode = column_to_numpy(table.column("episode_index")).astype(np.int64)
         # label_index is sorted: each row's label is at its insertion point, if there is one
@@ -539,7 +513,7 @@ def _rewrite_data_files(meta, output: Path, label_index, label_codes, skipped_ep
         codes[found] = label_codes[matched]
         for episode in np.unique(row_episode[found]):
             codes_by_episode.setdefault(int(episode), []).append(codes[found & (row_episode == episode)])
-        schema = _data_schema_with_labels(table.schema, code_seq_len)
+        schema = data_schema_with_latent_actions(table.schema, code_seq_len)
         labels = pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), pa.int64()), code_seq_len)
         labelled = pa.Table.from_arrays([*table.columns, labels], schema=schema)
         _write_parquet_atomically(labelled, output / relative)

@@ -599,17 +599,11 @@ def plot_training_curves(history: list[dict], evals: list[dict], path: Path, tit
 
 def _labelled_codebook_size(source) -> int | None:
     """The quantizer's codebook size recorded by the labelling stage in info.json, if any."""
-    from training.latent_labels import LABELLING_INFO_KEY
+    from training.data import LABELLING_INFO_KEY, LatentLabelLayout
 
-    info = getattr(source.meta, "info", {}) or {}
-    record = info.get(LABELLING_INFO_KEY) or {}
-    for key in ("codebook_size", "num_latent_codes"):
-        if key in record:
-            return int(record[key])
-    quantizer = record.get("quantizer_config") or record.get("quantizer") or {}
-    if isinstance(quantizer, dict) and "codebook_size" in quantizer:
-        return int(quantizer["codebook_size"])
-    return None
+    if LABELLING_INFO_KEY not in (getattr(source.meta, "info", None) or {}):
+        return None  # not labelled by training/label_latents.py: the caller's default applies
+    return LatentLabelLayout.read(source).codebook_size
 
 
 def _point_adapter_at_base(adapter_dir: Path, base: str) -> None:

@@ -7,7 +7,8 @@
     stream = make_streaming_frame_pairs(robot, image_size=128, rank=0, world_size=2)
 
 Modules: `video` (PyAV decode/encode), `lerobot_reader`, `lerobot_writer`, `lerobot_format` (format facts),
-`stats`, `frame_pairs`, `splits` (held-out episodes, epoch samplers), `video_folder`, `errors`.
+`stats`, `frame_pairs`, `splits` (held-out episodes, epoch samplers), `latent_actions` (the labels' column, feature and
+`LatentLabelLayout`, the record labelling hands to the VLA stage), `video_folder`, `errors`.
 """
 
 from .errors import (
@@ -16,12 +17,14 @@ from .errors import (
     EmptyEpisodeError,
     FrameTimestampError,
     GapLongerThanEpisodeError,
+    LabellingRecordError,
     MissingCameraKeyError,
     SkippedEpisode,
     UnsupportedCodebaseVersionError,
     VideoDecodeError,
 )
 from .frame_pairs import FramePairDataset, gap_in_frames, make_streaming_frame_pairs
+from .latent_actions import LABELLING_INFO_KEY, LATENT_ACTION_KEY, UNLABELLED_CODE, LatentLabelLayout
 from .lerobot_reader import LeRobotDataset, LeRobotDatasetMetadata, load_lerobot_dataset, resolve_dataset_root
 from .lerobot_writer import LeRobotDatasetWriter
 from .splits import EpochSampler, split_episodes
@@ -30,6 +33,9 @@ from .video_folder import VideoFolderDataset, read_video_labels
 from .vla_frames import VLAFrameDataset, collate_vla_frames, make_streaming_vla_frames
 
 __all__ = [
+    "LABELLING_INFO_KEY",
+    "LATENT_ACTION_KEY",
+    "UNLABELLED_CODE",
     "DataFileError",
     "DataLayerError",
     "EmptyEpisodeError",
@@ -37,6 +43,8 @@ __all__ = [
     "FramePairDataset",
     "FrameTimestampError",
     "GapLongerThanEpisodeError",
+    "LabellingRecordError",
+    "LatentLabelLayout",
     "LeRobotDataset",
     "LeRobotDatasetMetadata",
     "LeRobotDatasetWriter",

@@ -17,7 +17,7 @@ An item is a dict:
 currency); `collate_vla_frames` turns a list of either into a batch for `LAPAProcessor`.
 
 Rows of episodes that labelling could not label carry `UNLABELLED_CODE` (-1) in every slot
-(`training/latent_labels.py`); with target="latent" those frames are left out, counted in
+(`training/data/latent_actions.py`); with target="latent" those frames are left out, counted in
 `num_unlabelled_frames` and logged once. Frames are decoded a whole episode at a time, as in
 `frame_pairs.py`: the map-style dataset keeps the last `episode_cache_size` decoded episodes, and the stream
 decodes each episode once in the process that owns its shard.
@@ -35,22 +35,12 @@ import torch
 
 from .episode_stream import stream_episodes
 from .errors import EmptyEpisodeError, SkippedEpisode, log_skip_summary, skipped_from_error
+from .latent_actions import LATENT_ACTION_KEY, UNLABELLED_CODE
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("latent", "action")
 ACTION_KEY = "action"
-
-
-def _latent_label_names() -> tuple[str, int]:
-    """(`LATENT_ACTION_KEY`, `UNLABELLED_CODE`) of the labelling stage.
-
-    Imported when needed, not at module level: `training.latent_labels` imports `training.data.errors`, so a
-    module-level import here would make `import training.latent_labels` (first) a circular import.
-    """
-    from ..latent_labels import LATENT_ACTION_KEY, UNLABELLED_CODE
-
-    return LATENT_ACTION_KEY, UNLABELLED_CODE
 
 
 def _as_rows(values: np.ndarray) -> np.ndarray:
@@ -96,7 +86,7 @@ class VLAFrameDataset(torch.utils.data.Dataset):
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if int(frame_stride) != frame_stride or frame_stride < 1:
             raise ValueError(f"frame_stride must be a positive integer, got {frame_stride!r}")
-        latent_key, unlabelled_code = _latent_label_names()
+        latent_key, unlabelled_code = LATENT_ACTION_KEY, UNLABELLED_CODE
         self.source = source
         self.target = target
         self.latent_key = latent_key
