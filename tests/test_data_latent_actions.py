@@ -1,9 +1,10 @@
 """The hand-off from labelling to the VLA stage: `LatentLabelLayout` written into a dataset's info.json and read
 back from the loaded dataset, the record's other fields kept, and a clear error naming the dataset when the record
-is missing or incomplete."""
+is missing or incomplete. Also: the streaming factories take the datasets they stream, with the same keywords."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 
@@ -12,9 +13,12 @@ import pytest
 from data_fixtures import write_with_writer
 from training.data import (
     LABELLING_INFO_KEY,
+    FramePairDataset,
     LabellingRecordError,
     LatentLabelLayout,
     load_lerobot_dataset,
+    make_streaming_frame_pairs,
+    make_streaming_vla_frames,
 )
 
 LAYOUT = LatentLabelLayout(codebook_size=8, code_seq_len=4, gap_seconds=0.6, fps=10, quantizer="/models/quantizer")
@@ -66,3 +70,16 @@ def test_a_missing_or_incomplete_record_is_an_error_naming_the_dataset(dataset_r
             LatentLabelLayout.read(dataset)
     finally:
         del dataset.meta.info[LABELLING_INFO_KEY]
+
+
+def test_the_streaming_factories_take_their_dataset_and_the_same_keywords(dataset_root):
+    def keywords(function):
+        parameters = list(inspect.signature(function).parameters.values())[1:]
+        return [(p.name, p.default, p.kind) for p in parameters]
+
+    assert keywords(make_streaming_frame_pairs) == keywords(make_streaming_vla_frames)
+    source = load_lerobot_dataset(dataset_root)
+    with pytest.raises(TypeError, match="takes a FramePairDataset"):
+        make_streaming_frame_pairs(source)
+    pairs = FramePairDataset(source, gap_seconds=0.1, image_size=8, output="uint8")
+    assert sorted(int(item["index"]) for item in make_streaming_frame_pairs(pairs, seed=1)) == list(range(7))

@@ -1,16 +1,22 @@
-"""The video data layer: LeRobot datasets (read v3.0/v2.1, write v3.0), human-video folders, frame pairs.
+"""The video data layer: LeRobot datasets (read v3.0/v2.1, write v3.0), human-video folders, frame pairs and VLA
+frames, episode splits, and the latent-action labels a labelled dataset carries.
 
-    from training.data import load_lerobot_dataset, FramePairDataset, make_streaming_frame_pairs
+    from training.data import FramePairDataset, LatentLabelLayout, load_lerobot_dataset, make_streaming_frame_pairs
+    from training.data import split_episodes
 
     robot = load_lerobot_dataset("outputs/metaworld")                 # folder or Hub repo id
-    pairs = FramePairDataset(robot, gap_seconds=0.6, image_size=128)   # (2, 3, 128, 128) float pairs
-    stream = make_streaming_frame_pairs(robot, image_size=128, rank=0, world_size=2)
+    train, held = split_episodes(robot, 0.1, seed=0)                   # episodes, stratified by task
+    pairs = FramePairDataset(robot, gap_seconds=0.6, image_size=128, episodes=train)   # (2, 3, 128, 128) pairs
+    stream = make_streaming_frame_pairs(pairs, seed=0, rank=0, world_size=2)          # datasets.IterableDataset
+    layout = LatentLabelLayout.read(load_lerobot_dataset("outputs/metaworld_latent"))  # codebook size, gap, ...
 
 Modules: `video` (PyAV decode/encode), `lerobot_reader`, `lerobot_writer`, `lerobot_format` (format facts),
-`stats`, `frame_pairs`, `splits` (held-out episodes, epoch samplers), `latent_actions` (the labels' column, feature and
-`LatentLabelLayout`, the record labelling hands to the VLA stage), `video_folder`, `errors`.
+`stats`, `episode_frames`
+(the base of `frame_pairs` and `vla_frames`), `episode_stream` (their streaming), `splits`, `latent_actions`
+(the labels' column, feature and `LatentLabelLayout`), `video_folder`, `errors`.
 """
 
+from .episode_frames import EpisodeFrameDataset
 from .errors import (
     DataFileError,
     DataLayerError,
@@ -39,6 +45,7 @@ __all__ = [
     "DataFileError",
     "DataLayerError",
     "EmptyEpisodeError",
+    "EpisodeFrameDataset",
     "EpochSampler",
     "FramePairDataset",
     "FrameTimestampError",
