@@ -33,7 +33,7 @@ from benchmarks.common import write_report  # noqa: E402
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel  # noqa: E402
 from training.data import FramePairDataset, LeRobotDatasetWriter, load_lerobot_dataset  # noqa: E402
 from training.label_latents import main as label_latents_main  # noqa: E402
-from training.latent_labels import encode_episode, load_quantizer  # noqa: E402
+from training.labelling import encode_episode, load_quantizer  # noqa: E402
 
 DEFAULTS = {  # per preset: episodes, frames per episode, batch size
     "tiny": dict(episodes=8, frames_per_episode=60, batch_size=64),

@@ -11,7 +11,7 @@ frames, episode splits, and the latent-action labels a labelled dataset carries.
     layout = LatentLabelLayout.read(load_lerobot_dataset("outputs/metaworld_latent"))  # codebook size, gap, ...
 
 Modules: `video` (PyAV decode/encode), `lerobot_reader`, `lerobot_writer`, `lerobot_format` (format facts),
-`stats`, `episode_frames`
+`lerobot_legacy` (v2.x -> v3.0 without re-encoding), `files` (atomic writes, links), `stats`, `episode_frames`
 (the base of `frame_pairs` and `vla_frames`), `episode_stream` (their streaming), `splits`, `latent_actions`
 (the labels' column, feature and `LatentLabelLayout`), `video_folder`, `errors`.
 """
