@@ -134,4 +134,3 @@ class LatentLabelLayout:
             codebook_size=int(values["codebook_size"]), code_seq_len=int(values["code_seq_len"]),
             gap_seconds=float(values["gap_seconds"]), fps=float(values["fps"]), quantizer=str(values["quantizer"]),
         )
-
