@@ -31,7 +31,7 @@ from benchmarks.common import write_report
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
 from training.data import FramePairDataset, LeRobotDatasetWriter, load_lerobot_dataset
 from training.label_latents import main as label_latents_main
-from training.latent_labels import encode_episode, load_quantizer
+from training.labelling import encode_episode, load_quantizer
 
 DEFAULTS = {  # per preset: episodes, frames per episode, batch size
     "tiny": dict(episodes=8, frames_per_episode=60, batch_size=64),

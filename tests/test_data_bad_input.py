@@ -94,11 +94,12 @@ def test_truncated_video_whose_header_claims_all_frames(tmp_path, caplog):
         dataset.decode_episode(1)
     assert "episode 1" in str(caught.value) and "episode_000001.mp4" in str(caught.value)
     with caplog.at_level(logging.WARNING):
-        items = list(make_streaming_frame_pairs(dataset, gap_seconds=0.2, image_size=8, skip_corrupt=True))
+        pairs = FramePairDataset(dataset, gap_seconds=0.2, image_size=8, skip_corrupt=True)
+        items = list(make_streaming_frame_pairs(pairs))
     assert {it["episode_index"] for it in items} == {0} and len(items) == 8
     assert any("skipped episode 1" in r.getMessage() for r in caplog.records)
     with pytest.raises((FrameTimestampError, VideoDecodeError)):
-        list(make_streaming_frame_pairs(dataset, gap_seconds=0.2, image_size=8))
+        list(make_streaming_frame_pairs(FramePairDataset(dataset, gap_seconds=0.2, image_size=8)))
 
 
 def test_missing_camera_key_lists_the_available_ones(v30_clean):

@@ -78,7 +78,7 @@ def test_frame_pairs_from_video_folder(ssv2):
     full = FramePairDataset(dataset, gap_seconds=0.5, output="uint8")[14 + 9 + 3]["pixel_values"]
     images = full.permute(0, 2, 3, 1).numpy()
     assert [best_matching_frame(image, frames["1003"]) for image in images] == [3, 11]
-    streamed = list(make_streaming_frame_pairs(dataset, gap_seconds=0.5, image_size=8, output="uint8"))
+    streamed = list(make_streaming_frame_pairs(FramePairDataset(dataset, gap_seconds=0.5, image_size=8, output="uint8")))
     assert sorted(it["index"] for it in streamed) == list(range(43))
     with pytest.raises(MissingCameraKeyError, match=r"available camera keys: \['video'\]"):
         FramePairDataset(dataset, camera_key="observation.images.top")

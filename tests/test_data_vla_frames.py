@@ -19,13 +19,14 @@ import torch
 
 from data_fixtures import TASKS, best_matching_frame, synthetic_frames, write_with_writer
 from training.data import (
+    LATENT_ACTION_KEY,
+    UNLABELLED_CODE,
     LeRobotDatasetWriter,
     VLAFrameDataset,
     collate_vla_frames,
     load_lerobot_dataset,
     make_streaming_vla_frames,
 )
-from training.latent_labels import LATENT_ACTION_KEY, UNLABELLED_CODE
 
 LENGTHS = (12, 9, 15, 7, 10)
 UNLABELLED_EPISODE = 2  # labelling "failed" on it: every slot of its rows is UNLABELLED_CODE
@@ -188,13 +189,16 @@ def test_streaming_items_equal_the_map_style_items(labelled):
         np.testing.assert_array_equal(item["image"], reference["image"].numpy())
         np.testing.assert_array_equal(item["latent_codes"], reference["latent_codes"].numpy())
         assert item["instruction"] == reference["instruction"]
-    # Built from the LeRobotDataset with the dataset arguments, the stream serves the same frames.
-    built = make_streaming_vla_frames(dataset, shuffle=False, target="action", frame_stride=4, image_size=8)
+    # A dataset built with other arguments streams its own frames.
+    built = make_streaming_vla_frames(VLAFrameDataset(dataset, target="action", frame_stride=4, image_size=8),
+                                      shuffle=False)
     first = next(iter(built))
     assert first["action"].dtype == np.float32 and (first["episode_index"], first["frame_index"]) == (0, 0)
     assert len(list(built)) == sum(len(range(0, n, 4)) for n in LENGTHS)
-    with pytest.raises(TypeError, match="either"):
+    with pytest.raises(TypeError, match="target"):  # the stream takes a built dataset, not dataset arguments
         make_streaming_vla_frames(frames, target="action")
+    with pytest.raises(TypeError, match="takes a VLAFrameDataset"):
+        make_streaming_vla_frames(dataset)
 
 
 @pytest.mark.parametrize("episodes", [[0, 1, 3, 4], [0, 1, 3]], ids=["shards-divisible", "shards-not-divisible"])
@@ -249,7 +253,8 @@ def test_collate_vla_frames(labelled):
     assert batch["instruction"] == [latent[i]["instruction"] for i in (0, 5, 21)]
     assert batch["episode_index"].tolist() == [0, 0, 3] and batch["frame_index"].tolist() == [0, 5, 0]
     np.testing.assert_array_equal(batch["image"][1].numpy(), latent[5]["image"].numpy())
-    streamed = list(make_streaming_vla_frames(dataset, shuffle=False, target="action", image_size=8))[:2]
+    actions_only = VLAFrameDataset(dataset, target="action", image_size=8)
+    streamed = list(make_streaming_vla_frames(actions_only, shuffle=False))[:2]
     actions = collate_vla_frames(streamed)  # numpy items from the stream
     assert actions["action"].dtype == torch.float32 and "latent_codes" not in actions
     np.testing.assert_array_equal(actions["action"].numpy(), np.array([rows[(0, 0)]["action"], rows[(0, 1)]["action"]],

@@ -30,6 +30,7 @@ SCRIPT_MODULES = [
 # Stages whose settings are resolved too (argv -> config object, with the preset and the KEY=VALUE items).
 RESOLVERS = {
     "training.train_quantizer": lambda m, argv: importlib.import_module("training.train_quantizer").resolve_config(argv),
+    "training.label_latents": lambda m, argv: m.resolve_config(argv),
     "training.pretrain": lambda m, argv: importlib.import_module("training.vla_training").resolve_config("pretrain", argv),
     "training.finetune": lambda m, argv: importlib.import_module("training.vla_training").resolve_config("finetune", argv),
 }

@@ -1,5 +1,7 @@
 """`training/label_latents.py`: every frame labelled exactly once with the quantizer's codes, the source kept, the
-output readable by our reader and by `datasets`, and a 2-process run killed and resumed equal to a 1-process run.
+output readable by our reader and by `datasets`, and a 2-process run killed and resumed equal to a 1-process run;
+the gap taken from the flag, else the quantizer's config, else the default; settings from a YAML file or a
+`LabellingConfig`; the layout of the labels handed on through `LatentLabelLayout`.
 
 Real subprocesses (`python training/label_latents.py`, `accelerate launch` with 2 CPU processes), real H.264
 videos written by our writer, a tiny random quantizer saved with save_pretrained; no mocks.
@@ -17,26 +19,35 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
+
 from support import REPO_ROOT, accelerate_launch
 from data_fixtures import build_v21_dataset, synthetic_frames
 
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
-from training.data import FramePairDataset, LeRobotDatasetWriter, load_lerobot_dataset
+from training.data import (
+    LABELLING_INFO_KEY,
+    UNLABELLED_CODE,
+    FramePairDataset,
+    LatentLabelLayout,
+    LeRobotDatasetWriter,
+    load_lerobot_dataset,
+)
+from training.label_latents import LabellingConfig, build_parser, label_latents, resolve_config
 from training.label_latents import main as label_main
-from training.latent_labels import LABELLING_INFO_KEY, UNLABELLED_CODE, WORK_DIR_NAME
+from training.labelling import DEFAULT_GAP_SECONDS, WORK_DIR_NAME, LabellingError, resolve_gap_seconds
 
 LENGTHS = (10, 7, 12, 5, 9)  # 43 frames; at 10 fps and a 0.3 s gap the last 3 frames of each pair with the last
 TASKS = ("push the block left", "open the drawer")
 FPS = 10
-GAP_SECONDS = 0.3  # written to the quantizer's training_config.json, so the runs take it from there
+GAP_SECONDS = 0.3  # the quantizer's config.json records it (trained with it), so the runs take it from there
 BATCH_SIZE = 4  # smaller than most episodes: several chunks per episode
 
 
-def _quantizer_config() -> LAPAQuantizerConfig:
-    return LAPAQuantizerConfig(
-        hidden_size=32, quant_dim=8, codebook_size=8, code_seq_len=4, image_size=32, patch_size=4,
-        spatial_depth=1, temporal_depth=1, num_heads=2, head_dim=16,
-    )
+def _quantizer_config(**overrides) -> LAPAQuantizerConfig:
+    settings = dict(hidden_size=32, quant_dim=8, codebook_size=8, code_seq_len=4, image_size=32, patch_size=4,
+                    spatial_depth=1, temporal_depth=1, num_heads=2, head_dim=16, gap_seconds=GAP_SECONDS)
+    return LAPAQuantizerConfig(**{**settings, **overrides})
 
 
 def _write_source(root: Path, lengths=LENGTHS) -> None:
@@ -70,7 +81,6 @@ def workspace(tmp_path_factory):
     _write_source(root / "source")
     torch.manual_seed(3)  # a random model whose codes vary over these frames
     LAPAQuantizerModel(_quantizer_config()).save_pretrained(root / "quantizer")
-    (root / "quantizer" / "training_config.json").write_text(json.dumps({"data": {"gap_seconds": GAP_SECONDS}}))
     return root
 
 
@@ -148,7 +158,7 @@ def test_output_keeps_the_source_frames_columns_tasks_and_metadata(workspace, si
     assert info["total_frames"] == source_info["total_frames"]
     record = info[LABELLING_INFO_KEY]
     assert record["gap_seconds"] == GAP_SECONDS and record["gap_frames"] == 3
-    assert record["gap_seconds_from"].endswith("training_config.json")
+    assert record["gap_seconds_from"] == str((workspace / "quantizer").resolve() / "config.json")
     assert record["camera_key"] == "observation.images.top" and record["image_size"] == 32
     assert record["quantizer"]["codebook_size"] == 8 and len(record["quantizer"]["weights_sha256"]) == 64
     assert record["labelled_frames"] == sum(LENGTHS) and record["skipped_episodes"] == []
@@ -335,3 +345,71 @@ def test_a_merge_killed_midway_is_redone_from_the_shards(workspace, single_run, 
     assert _data_table(output).equals(_data_table(single_run))
     assert not stray.exists() and not (output / WORK_DIR_NAME).exists()
     assert json.loads((output / "meta/info.json").read_text()) == json.loads((single_run / "meta/info.json").read_text())
+
+
+# -- the gap, the settings, the hand-off ----------------------------------------------------------------------
+def test_the_gap_is_the_flag_else_the_quantizers_else_the_default():
+    trained = _quantizer_config(gap_seconds=0.4)
+    assert resolve_gap_seconds(0.5, trained, "/models/q") == (0.5, "--gap-seconds")
+    assert resolve_gap_seconds(None, trained, "/models/q") == (0.4, "/models/q/config.json")
+    unknown = _quantizer_config(gap_seconds=None)  # a quantizer saved before the field: its gap is unknown
+    assert resolve_gap_seconds(None, unknown, "/models/q") == (DEFAULT_GAP_SECONDS, "default") == (0.6, "default")
+    with pytest.raises(LabellingError, match="positive"):
+        resolve_gap_seconds(-0.1, trained, "/models/q")
+
+
+def test_a_quantizer_without_a_recorded_gap_labels_with_the_default(workspace, tmp_path, capsys):
+    source, quantizer = tmp_path / "source", tmp_path / "quantizer"
+    _write_source(source, lengths=(8, 9))  # longer than the default gap (6 frames at 10 fps)
+    torch.manual_seed(3)
+    LAPAQuantizerModel(_quantizer_config(gap_seconds=None)).save_pretrained(quantizer)
+    # a training config beside the model is not read: the model's own config is the one record of its gap
+    (quantizer / "training_config.json").write_text(json.dumps({"gap_seconds": 0.2}))
+    args = ["--dataset", str(source), "--quantizer", str(quantizer), "--output", str(tmp_path / "out")]
+    assert _run_in_process(args, capsys)[0] == 0
+    record = json.loads((tmp_path / "out/meta/info.json").read_text())[LABELLING_INFO_KEY]
+    assert (record["gap_seconds"], record["gap_seconds_from"], record["gap_frames"]) == (0.6, "default", 6)
+
+
+def test_the_labelled_dataset_hands_its_layout_on(workspace, single_run):
+    layout = LatentLabelLayout.read(load_lerobot_dataset(single_run))
+    assert layout == LatentLabelLayout(codebook_size=8, code_seq_len=4, gap_seconds=GAP_SECONDS, fps=FPS,
+                                       quantizer=str((workspace / "quantizer").resolve()))
+
+
+def test_settings_from_a_yaml_file_then_the_flags(workspace, tmp_path, capsys):
+    settings = {"dataset": str(workspace / "source"), "quantizer": str(workspace / "quantizer"),
+                "output": str(tmp_path / "out"), "batch_size": BATCH_SIZE, "camera_key": "wrist",
+                "skip_corrupt": True, "gap_seconds": "3e-1"}  # YAML 1.1 reads 3e-1 as a string: still a number
+    path = tmp_path / "labelling.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    config = resolve_config(["--config", str(path), "--no-skip-corrupt", "--num-workers", "0"])
+    assert config == LabellingConfig(**{**settings, "skip_corrupt": False, "gap_seconds": 0.3, "num_workers": 0})
+    assert resolve_config(["--config", str(path), "--resume"]).resume is True
+
+    path.write_text(yaml.safe_dump({**settings, "batch_sise": 8}))
+    code, err = _run_in_process(["--config", str(path)], capsys)
+    assert code == 2 and "'batch_sise' (did you mean 'batch_size'?)" in err
+    path.write_text(yaml.safe_dump({**settings, "overwrite": True, "resume": False}))
+    code, err = _run_in_process(["--config", str(path)], capsys)
+    assert code == 2 and "exclude each other" in err
+    code, err = _run_in_process(["--dataset", str(workspace / "source")], capsys)
+    assert code == 2 and "--quantizer is required" in err
+    with pytest.raises(SystemExit):  # on the command line the two are exclusive, as before
+        build_parser().parse_args(["--resume", "--overwrite"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_latents_takes_a_config_object_or_a_yaml_file(workspace, single_run, tmp_path, capsys):
+    config = LabellingConfig(dataset=workspace / "source", quantizer=workspace / "quantizer", output=tmp_path / "a",
+                             batch_size=BATCH_SIZE, num_workers=0)
+    result = label_latents(config)
+    assert result["merged"] and result["output"] == str(tmp_path / "a")
+    assert result["record"] == json.loads((tmp_path / "a/meta/info.json").read_text())[LABELLING_INFO_KEY]
+    assert _data_table(tmp_path / "a").equals(_data_table(single_run))
+
+    path = tmp_path / "labelling.yaml"
+    path.write_text(yaml.safe_dump({"dataset": str(workspace / "source"), "quantizer": str(workspace / "quantizer"),
+                                    "output": str(tmp_path / "b"), "batch_size": BATCH_SIZE}))
+    assert _run_in_process(["--config", str(path)], capsys)[0] == 0
+    assert _data_table(tmp_path / "b").equals(_data_table(single_run))

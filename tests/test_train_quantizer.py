@@ -13,8 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 from support import REPO_ROOT, accelerate_launch, subprocess_env
-from training.data import LeRobotDatasetWriter
-from training.train_quantizer import resolve_config, split_episodes
+from training.data import LeRobotDatasetWriter, split_episodes
+from training.train_quantizer import resolve_config
 
 SCRIPT = str(REPO_ROOT / "training" / "train_quantizer.py")
 TINY_MODEL = dict(hidden_size=32, quant_dim=8, codebook_size=8, code_seq_len=4, image_size=32, patch_size=4,

@@ -18,7 +18,7 @@ from transformers import AutoModel
 import modeling_lapa  # noqa: F401
 import processing_lapa  # noqa: F401
 from training.data import LeRobotDatasetWriter
-from training.latent_labels import LATENT_ACTION_KEY
+from training.data import LATENT_ACTION_KEY
 from training.vla_training import resolve_config, train
 
 COLOURS = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 240, 240]], dtype=np.uint8)

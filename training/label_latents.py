@@ -19,20 +19,22 @@ without duplicating or losing rows, with any number of processes. When all shard
 into the output and removes the work dir. Each episode is decoded once (in `--num-workers` DataLoader workers,
 ahead of the model) at the quantizer's image size, and its pairs are encoded in fixed chunks of `--batch-size`
 from its first frame in fp32: the codes are the same whatever the number of processes. See
-`training/latent_labels.py` for the pieces.
+`training/labelling.py` for the pieces.
+
+Settings: every flag is a field of `LabellingConfig` (`--batch-size 8` is `batch_size: 8`), so a YAML file works
+too (`--config labelling.yaml`; flags given with it win). From Python: `label_latents(LabellingConfig(dataset=...,
+quantizer=..., output=...))`.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import logging
 import os
 import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -43,84 +45,117 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training.data import FramePairDataset, gap_in_frames, load_lerobot_dataset
+from training.data import FramePairDataset, LatentLabelLayout, gap_in_frames, load_lerobot_dataset
 from training.data.errors import DataLayerError, skipped_from_error
-from training.latent_labels import (
+from training.labelling import (
     DEFAULT_GAP_SECONDS,
     PLAN_FORMAT,
     LabellingError,
     LabellingWorkDir,
     auto_episodes_per_shard,
+    decide_output_mode,
     encode_episode,
-    gap_seconds_from_training_config,
-    is_labelling_output,
     load_quantizer,
     merge_labelled_dataset,
+    plan_digest,
     plan_shards,
+    resolve_gap_seconds,
+    same_folder_or_nested,
     shards_of_process,
     source_fingerprint,
 )
+from training.settings import resolve_stage_config, stage_parser
 
 logger = logging.getLogger("label_latents")
 
 _PROGRESS_POLL_SECONDS = 2.0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="label_latents",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--dataset", required=True, metavar="PATH_OR_REPO_ID",
-                        help="source LeRobot dataset (v3.0, or v2.1/v2.0): a folder, or a Hub dataset repo id "
-                             "(read from the cache when HF_HUB_OFFLINE=1)")
-    parser.add_argument("--revision", default=None, help="Hub revision of a --dataset repo id")
-    parser.add_argument("--quantizer", required=True, metavar="DIR",
-                        help="a LAPA quantizer folder written by save_pretrained (or the converter)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder of the labelled dataset")
-    parser.add_argument("--camera-key", default=None,
-                        help="camera to label, full name or last part ('corner' for 'observation.images.corner'); "
-                             "default: the dataset's first camera")
-    parser.add_argument("--gap-seconds", type=float, default=None,
-                        help="time between the two frames of a pair. Default: `gap_seconds` of a "
-                             "training_config.json/.yaml beside the quantizer (or in its parent folder), else "
-                             f"{DEFAULT_GAP_SECONDS} (the paper's gap for robot video)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="frame pairs per forward pass (default: 64). Chunks start at each episode's first "
-                             "frame, so a frame's batch, and its codes bit for bit, do not depend on the number of "
-                             "processes; a resumed run must use the same value")
-    parser.add_argument("--num-workers", type=int, default=1,
-                        help="DataLoader workers per process decoding episodes ahead of the model; 0 decodes in "
-                             "the main thread (default: 1)")
-    parser.add_argument("--episodes-per-shard", type=int, default=None,
-                        help="episodes per unit of work (and of resume). Default: 1, or enough for about 1024 "
-                             "shards on datasets with more episodes")
-    parser.add_argument("--skip-corrupt", action=argparse.BooleanOptionalAction, default=False,
-                        help="label the rest when an episode cannot be read (bad video, too short for the gap, "
-                             "...): its rows keep every slot at -1 and info.json lists it with the reason. "
-                             "Default: stop with an error naming the file and episode")
-    resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                        help="--resume: continue the unfinished run in --output (the default when --output has a "
-                             "work dir .labelling/ with the same settings; starts fresh if there is none); "
-                             "--no-resume: refuse to continue one (error if --output has one)")
-    resume.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                        help="delete --output first: a labelled dataset or an unfinished run (other non-empty "
-                             "folders are refused)")
-    parser.add_argument("--copy-videos", action=argparse.BooleanOptionalAction, default=False,
-                        help="copy the video files instead of hard-linking them")
-    parser.add_argument("--keep-work-dir", action=argparse.BooleanOptionalAction, default=False,
-                        help="keep <output>/.labelling/ (the shard files) after the merge")
-    parser.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=False, help="run on CPU even if a GPU is available")
-    parser.add_argument("--log-level", default="INFO")
-    debug = parser.add_argument_group("debugging and testing resume")
-    debug.add_argument("--max-shards-per-process", type=int, default=None, metavar="N",
-                       help="each process labels at most N shards, then exits without merging (rerun to resume)")
-    debug.add_argument("--debug-kill-after-shards", type=int, default=None, metavar="N",
-                       help="simulate a crash: the main process SIGKILLs itself right after writing its N-th shard")
-    return parser
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class LabellingConfig:
+    """Every setting of a labelling run: one flag per field (`batch_size` is `--batch-size`, a boolean `x` is `--x`
+    / `--no-x`), and a key of a `--config` YAML file. `dataset`, `quantizer` and `output` are required."""
+
+    dataset: str | None = field(default=None, metadata=_help(
+        "source LeRobot dataset (v3.0, or v2.1/v2.0): a folder, or a Hub dataset repo id (read from the cache when "
+        "HF_HUB_OFFLINE=1). Required"))
+    revision: str | None = field(default=None, metadata=_help("Hub revision of a --dataset repo id"))
+    quantizer: str | None = field(default=None, metadata=_help(
+        "a LAPA quantizer folder written by save_pretrained (or the converter). Required"))
+    output: str | None = field(default=None, metadata=_help("folder of the labelled dataset. Required"))
+    camera_key: str | None = field(default=None, metadata=_help(
+        "camera to label, full name or last part ('corner' for 'observation.images.corner'); default: the "
+        "dataset's first camera"))
+    gap_seconds: float | None = field(default=None, metadata=_help(
+        "time between the two frames of a pair. Default: the gap the quantizer was trained with (`gap_seconds` in "
+        f"its config.json), else {DEFAULT_GAP_SECONDS} (the paper's gap for robot video)"))
+    batch_size: int = field(default=64, metadata=_help(
+        "frame pairs per forward pass (default: 64). Chunks start at each episode's first frame, so a frame's batch, "
+        "and its codes bit for bit, do not depend on the number of processes; a resumed run must use the same value"))
+    num_workers: int = field(default=1, metadata=_help(
+        "DataLoader workers per process decoding episodes ahead of the model; 0 decodes in the main thread "
+        "(default: 1)"))
+    episodes_per_shard: int | None = field(default=None, metadata=_help(
+        "episodes per unit of work (and of resume). Default: 1, or enough for about 1024 shards on datasets with "
+        "more episodes"))
+    skip_corrupt: bool = field(default=False, metadata=_help(
+        "label the rest when an episode cannot be read (bad video, too short for the gap, ...): its rows keep every "
+        "slot at -1 and info.json lists it with the reason. Default: stop with an error naming the file and episode"))
+    resume: bool | None = field(default=None, metadata=_help(
+        "--resume: continue the unfinished run in --output (the default when --output has a work dir .labelling/ "
+        "with the same settings; starts fresh if there is none); --no-resume: refuse to continue one (error if "
+        "--output has one)"))
+    overwrite: bool = field(default=False, metadata=_help(
+        "delete --output first: a labelled dataset or an unfinished run (other non-empty folders are refused)"))
+    copy_videos: bool = field(default=False, metadata=_help("copy the video files instead of hard-linking them"))
+    keep_work_dir: bool = field(default=False, metadata=_help(
+        "keep <output>/.labelling/ (the shard files) after the merge"))
+    cpu: bool = field(default=False, metadata=_help("run on CPU even if a GPU is available"))
+    log_level: str = field(default="INFO", metadata=_help("logging level of the main process (default: INFO)"))
+    # debugging and testing resume
+    max_shards_per_process: int | None = field(default=None, metadata=_help(
+        "debugging: each process labels at most N shards, then exits without merging (rerun to resume)"))
+    debug_kill_after_shards: int | None = field(default=None, metadata=_help(
+        "debugging: simulate a crash: the main process SIGKILLs itself right after writing its N-th shard"))
+
+    def __post_init__(self):
+        # Values from the command line and YAML are parsed like YAML (`--revision 2` is the int 2): make each the
+        # type of its field, and refuse what cannot be.
+        for name in ("dataset", "revision", "quantizer", "output", "camera_key", "log_level"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike, int)):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+            setattr(self, name, None if value is None else str(value))
+        for name in ("dataset", "quantizer", "output"):
+            if getattr(self, name) is None:
+                raise ValueError(f"--{name} is required")
+        for name in ("batch_size", "num_workers", "episodes_per_shard", "max_shards_per_process",
+                     "debug_kill_after_shards"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.gap_seconds is not None:
+            try:
+                self.gap_seconds = float(self.gap_seconds)
+            except (TypeError, ValueError):
+                raise ValueError(f"gap_seconds must be a number, got {self.gap_seconds!r}") from None
+        if self.overwrite and self.resume is not None:
+            raise ValueError("--overwrite and --resume/--no-resume exclude each other: give one")
+
+
+def build_parser():
+    parts = __doc__.split("\n\n", 1)
+    return stage_parser(LabellingConfig, prog="label_latents", description=parts[0], epilog=parts[1],
+                        exclusive=[("resume", "overwrite")])
+
+
+def resolve_config(argv: list[str] | None = None) -> LabellingConfig:
+    """defaults <- YAML file (`--config`) <- command line, into a `LabellingConfig`; ValueError on a bad setting."""
+    return resolve_stage_config(LabellingConfig, build_parser(), argv)
 
 
 class _EpisodeFramesDataset(torch.utils.data.Dataset):
@@ -158,142 +193,116 @@ def _collate_one(item: dict) -> dict:
     return item  # items are whole episodes already; keep the SkippedEpisode records as they are
 
 
-def _same_folder_or_nested(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
+def _start(config: LabellingConfig):
+    """The Accelerator of this process, and logging (the main process at `log_level`, the others warnings only)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available())
+    logging.basicConfig(
+        level=config.log_level.upper() if accelerator.is_main_process else logging.WARNING,
+        format=f"%(asctime)s [rank {accelerator.process_index}] %(name)s: %(message)s",
+    )
+    return accelerator
 
 
-def _plan_digest(plan: dict) -> str:
-    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+def label_latents(config: LabellingConfig) -> dict:
+    """Labels `config.dataset` into `config.output` (in this process, one of those `accelerate launch` started).
 
-
-def _differences(old: dict, new: dict) -> list[str]:
-    keys = [k for k in new if k not in ("plan_sha256", "shards", "shard_frames")]
-    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new[k]]
-    if old.get("shards") != new.get("shards") and not changed:
-        changed.append("the shard layout")
-    return changed
-
-
-def decide_output_mode(output: Path, work_dir: LabellingWorkDir, plan: dict, args) -> str:
-    """'fresh', 'resume' or 'overwrite', or a LabellingError saying why the run cannot start."""
-    if output.exists() and not output.is_dir():
-        raise LabellingError(f"--output {output} exists and is not a folder")
-    has_content = output.exists() and any(output.iterdir())
-    if args.overwrite:
-        if has_content and not is_labelling_output(output):
-            # A guard against a mistyped path: only folders this tool wrote are deleted.
-            raise LabellingError(
-                f"--output {output} is not empty and is not a labelled dataset or an unfinished labelling run; "
-                "--overwrite deletes only those. Choose another --output or empty the folder yourself"
-            )
-        return "overwrite"
-    if work_dir.exists():
-        if args.resume is False:
-            raise LabellingError(
-                f"--output {output} holds an unfinished labelling run ({work_dir.path}); rerun without --no-resume "
-                "to continue it, or pass --overwrite to start over"
-            )
-        old = work_dir.read_plan()
-        if old.get("plan_sha256") != plan["plan_sha256"]:
-            raise LabellingError(
-                f"--output {output} holds an unfinished labelling run with other settings ("
-                + "; ".join(_differences(old, plan))
-                + "); pass --overwrite to start over with the new ones, or rerun with the old ones to finish it"
-            )
-        return "resume"
-    if has_content:
-        what = "a labelled dataset" if (output / "meta" / "info.json").exists() else "not empty"
-        raise LabellingError(f"--output {output} exists and is {what}; pass --overwrite to replace it")
-    if args.resume:
-        logger.info("--resume: %s has no unfinished run; starting a new one", output)
-    return "fresh"
+    Returns {"output": the labelled folder, "merged": whether this process merged it (the main process once every
+    shard exists), "record": the labelling record of its info.json when merged, else None}. Raises
+    LabellingError / DataLayerError / FileNotFoundError when the run cannot start.
+    """
+    accelerator = _start(config)
+    return run(config, accelerator, prepare(config, accelerator))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
-    is_main = accelerator.is_main_process
-    logging.basicConfig(
-        level=args.log_level.upper() if is_main else logging.WARNING,
-        format=f"%(asctime)s [rank {accelerator.process_index}] %(name)s: %(message)s",
-    )
     try:
-        setup = prepare(args, accelerator)
+        config = resolve_config(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"label_latents: error: {error}", file=sys.stderr)
+        return 2
+    accelerator = _start(config)
+    try:
+        setup = prepare(config, accelerator)
     except (LabellingError, DataLayerError, FileNotFoundError) as error:
-        if is_main:
+        if accelerator.is_main_process:
             print(f"label_latents: error: {error}", file=sys.stderr)
         return 2
-    return run(args, accelerator, setup)
+    run(config, accelerator, setup)
+    return 0
 
 
-def prepare(args, accelerator) -> dict:
-    """Everything every process checks and builds before labelling (read-only: same result on every rank)."""
-    if args.batch_size < 1:
-        raise LabellingError(f"--batch-size must be at least 1, got {args.batch_size}")
-    output = Path(args.output)
-    source = load_lerobot_dataset(args.dataset, revision=args.revision, skip_corrupt=args.skip_corrupt)
-    if _same_folder_or_nested(output, source.root):
-        raise LabellingError(f"--output {output} is the source dataset or inside/around it ({source.root})")
-    model, record = load_quantizer(args.quantizer, device=accelerator.device)
-    config = model.config
-
-    if args.gap_seconds is not None:
-        gap_seconds, gap_from = args.gap_seconds, "--gap-seconds"
-    else:
-        found = gap_seconds_from_training_config(args.quantizer)
-        gap_seconds, gap_from = found if found is not None else (DEFAULT_GAP_SECONDS, "default")
-    if not gap_seconds > 0:
-        raise LabellingError(f"the gap must be positive, got {gap_seconds} (from {gap_from})")
-    # Frames are resized to the quantizer's size while decoding (FFmpeg, area filter), as in training.
-    pairs = FramePairDataset(
-        source, camera_key=args.camera_key, gap_seconds=gap_seconds, image_size=config.image_size,
-        output="uint8", skip_corrupt=args.skip_corrupt,
-    )
+def _plan(config: LabellingConfig, source, pairs: FramePairDataset, quantizer: dict, gap_seconds: float) -> dict:
+    """The settings the codes depend on and the shards: what a resumed run must share with the run it continues."""
     all_episodes = [int(ep["episode_index"]) for ep in source.meta.episodes]
     lengths = {int(ep["episode_index"]): int(ep["length"]) for ep in source.meta.episodes}
-    episodes_per_shard = args.episodes_per_shard or auto_episodes_per_shard(len(all_episodes))
+    episodes_per_shard = config.episodes_per_shard or auto_episodes_per_shard(len(all_episodes))
     shards = plan_shards(all_episodes, episodes_per_shard)
     plan = {
         "format": PLAN_FORMAT,
         "source_sha256": source_fingerprint(source.root),
-        "quantizer_sha256": record["weights_sha256"],
+        "quantizer_sha256": quantizer["weights_sha256"],
         "camera_key": pairs.camera_key,
         "gap_seconds": gap_seconds,
-        "image_size": config.image_size,
-        "code_seq_len": config.code_seq_len,
-        "batch_size": args.batch_size,
-        "skip_corrupt": args.skip_corrupt,
+        "image_size": quantizer["image_size"],
+        "code_seq_len": quantizer["code_seq_len"],
+        "batch_size": config.batch_size,
+        "skip_corrupt": config.skip_corrupt,
         "episodes_per_shard": episodes_per_shard,
         "num_shards": len(shards),
         "shards": shards,
         "shard_frames": [sum(lengths[e] for e in shard) for shard in shards],
     }
-    plan["plan_sha256"] = _plan_digest(plan)
+    plan["plan_sha256"] = plan_digest(plan)
+    return plan
+
+
+def prepare(config: LabellingConfig, accelerator) -> dict:
+    """Everything every process checks and builds before labelling (read-only: same result on every rank)."""
+    if config.batch_size < 1:
+        raise LabellingError(f"--batch-size must be at least 1, got {config.batch_size}")
+    output = Path(config.output)
+    source = load_lerobot_dataset(config.dataset, revision=config.revision, skip_corrupt=config.skip_corrupt)
+    if same_folder_or_nested(output, source.root):
+        raise LabellingError(f"--output {output} is the source dataset or inside/around it ({source.root})")
+    model, quantizer = load_quantizer(config.quantizer, device=accelerator.device)
+    gap_seconds, gap_from = resolve_gap_seconds(config.gap_seconds, model.config, quantizer["path"])
+    # Frames are resized to the quantizer's size while decoding (FFmpeg, area filter), as in training.
+    pairs = FramePairDataset(
+        source, camera_key=config.camera_key, gap_seconds=gap_seconds, image_size=model.config.image_size,
+        output="uint8", skip_corrupt=config.skip_corrupt,
+    )
+    plan = _plan(config, source, pairs, quantizer, gap_seconds)
     work_dir = LabellingWorkDir(output)
-    mode = decide_output_mode(output, work_dir, plan, args)
-    record = {
-        "quantizer": record,
+    mode = decide_output_mode(output, work_dir, plan, resume=config.resume, overwrite=config.overwrite)
+    layout = LatentLabelLayout(
+        codebook_size=model.config.codebook_size, code_seq_len=model.config.code_seq_len, gap_seconds=gap_seconds,
+        fps=source.meta.fps, quantizer=quantizer["path"],
+    )
+    record = {  # the run's description; `layout` is written into it by the merge
+        "quantizer": quantizer,
         "gap_seconds": gap_seconds,
         "gap_seconds_from": gap_from,
         "gap_frames": gap_in_frames(gap_seconds, source.meta.fps),
         "fps": source.meta.fps,
         "camera_key": pairs.camera_key,
-        "image_size": config.image_size,
-        "batch_size": args.batch_size,
+        "image_size": model.config.image_size,
+        "batch_size": config.batch_size,
         "dtype": "float32",
         "pairing": "x_t with x_{t+gap}, clamped to the episode's last frame",
         "source": {"path": str(source.root.resolve()), "codebase_version": source.meta.codebase_version},
         "tool": "training/label_latents.py",
     }
+    lengths = {int(ep["episode_index"]): int(ep["length"]) for ep in source.meta.episodes}
     load_skipped = {s.episode_index: s for s in pairs.skipped if s.episode_index is not None}
-    return dict(source=source, pairs=pairs, model=model, plan=plan, record=record, mode=mode, output=output,
-                work_dir=work_dir, lengths=lengths, load_skipped=load_skipped)
+    return dict(source=source, pairs=pairs, model=model, plan=plan, record=record, layout=layout, mode=mode,
+                output=output, work_dir=work_dir, lengths=lengths, load_skipped=load_skipped)
 
 
-def run(args, accelerator, setup: dict) -> int:
+def run(config: LabellingConfig, accelerator, setup: dict) -> dict:
+    """Labels this process's share of the shards and, on the main process once every shard exists, merges them.
+    Returns the summary of `label_latents`."""
     is_main = accelerator.is_main_process
     plan, work_dir, output = setup["plan"], setup["work_dir"], setup["output"]
     accelerator.wait_for_everyone()  # everyone has checked the output before the main process changes it
@@ -320,31 +329,32 @@ def run(args, accelerator, setup: dict) -> int:
         for rank in range(accelerator.num_processes)
     ]
     mine = pending[accelerator.process_index]
-    limit = args.max_shards_per_process
+    limit = config.max_shards_per_process
     # Decided from every process's share, so that all agree whether the run ends before the merge.
     stopped_early = limit is not None and any(len(shards) > limit for shards in pending)
     if limit is not None:
         mine = mine[:limit]
-    progress = label_shards(args, accelerator, setup, mine)
+    progress = label_shards(config, accelerator, setup, mine)
 
     if stopped_early:
         progress.close()
         logger.warning("stopped after --max-shards-per-process %d shards; rerun the same command to resume",
-                       args.max_shards_per_process)
-        return 0
+                       config.max_shards_per_process)
+        return {"output": str(output), "merged": False, "record": None}
     if not is_main:
-        return 0  # the main process merges; the others are done (no collective waits: a merge may be long)
+        # The main process merges; the others are done (no collective waits: a merge may be long).
+        return {"output": str(output), "merged": False, "record": None}
     _wait_for_all_shards(work_dir, plan, progress)
     record = merge_labelled_dataset(
-        setup["source"].meta, output, work_dir, plan, setup["record"],
-        copy_videos=args.copy_videos, keep_work_dir=args.keep_work_dir,
+        setup["source"].meta, output, work_dir, plan, setup["record"], setup["layout"],
+        copy_videos=config.copy_videos, keep_work_dir=config.keep_work_dir,
     )
     skipped = record["skipped_episodes"]
     summary = f"labelled {record['labelled_frames']} frames of {record['labelled_episodes']} episodes -> {output}"
     if skipped:
         summary += f"; {len(skipped)} episode(s) skipped, their rows have latent_action -1 (see meta/info.json)"
     print(summary)
-    return 0
+    return {"output": str(output), "merged": True, "record": record}
 
 
 def _progress_frames(work_dir: LabellingWorkDir, plan: dict) -> int:
@@ -375,7 +385,7 @@ def _shard_columns(rows: list[tuple], code_seq_len: int) -> dict[str, np.ndarray
     return dict(index=index, episode_index=episode_index, frame_index=frame_index, codes=codes)
 
 
-def label_shards(args, accelerator, setup: dict, shard_ids: list[int]):
+def label_shards(config: LabellingConfig, accelerator, setup: dict, shard_ids: list[int]):
     """Labels this process's shards, writing each one to the work dir as soon as it is complete.
 
     Returns the progress bar (shown on the main process only): frames in every process's finished shards plus
@@ -385,10 +395,10 @@ def label_shards(args, accelerator, setup: dict, shard_ids: list[int]):
     model, device = setup["model"], accelerator.device
     is_main = accelerator.is_main_process
     work = [(shard_id, episode) for shard_id in shard_ids for episode in plan["shards"][shard_id]]
-    decoded = _EpisodeFramesDataset(pairs, work, setup["load_skipped"], args.skip_corrupt)
+    decoded = _EpisodeFramesDataset(pairs, work, setup["load_skipped"], config.skip_corrupt)
     loader = torch.utils.data.DataLoader(
-        decoded, batch_size=None, shuffle=False, num_workers=args.num_workers, collate_fn=_collate_one,
-        prefetch_factor=2 if args.num_workers > 0 else None,
+        decoded, batch_size=None, shuffle=False, num_workers=config.num_workers, collate_fn=_collate_one,
+        prefetch_factor=2 if config.num_workers > 0 else None,
     )
     progress = tqdm(total=sum(plan["shard_frames"]), unit="frame", desc="labelling", disable=not is_main,
                     dynamic_ncols=True)
@@ -406,7 +416,7 @@ def label_shards(args, accelerator, setup: dict, shard_ids: list[int]):
             skipped[shard_id].append(item["skipped"])
             logger.warning("skipped episode %d: %s", episode_index, item["skipped"].reason)
         else:
-            codes = encode_episode(model, item["frames"], pairs.gap_frames(episode_index), args.batch_size, device)
+            codes = encode_episode(model, item["frames"], pairs.gap_frames(episode_index), config.batch_size, device)
             rows[shard_id].append((
                 source.episode_column(episode_index, "index").astype(np.int64),
                 np.full(len(codes), episode_index, dtype=np.int64),
@@ -423,7 +433,8 @@ def label_shards(args, accelerator, setup: dict, shard_ids: list[int]):
             )
             open_frames = 0
             written += 1
-            if args.debug_kill_after_shards is not None and is_main and written >= args.debug_kill_after_shards:
+            kill_after = config.debug_kill_after_shards
+            if kill_after is not None and is_main and written >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup, no finally blocks
         if is_main and (shard_done or time.monotonic() - last_poll >= _PROGRESS_POLL_SECONDS):
             last_poll = time.monotonic()

@@ -105,32 +105,47 @@ def trackers(report_to: str):
     return report_to
 
 
+def is_boolean_field(f: dataclasses.Field) -> bool:
+    """A field set on or off: a bool default, or `bool | None` (None = not decided, e.g. "resume if possible")."""
+    return isinstance(f.default, bool) or str(f.type).replace(" ", "") in ("bool|None", "None|bool", "Optional[bool]")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_class, repeatable: dict[str, str] | None = None,
-                         key_values: dict[str, str] | None = None, exclude=("preset", "stage")) -> None:
+                         key_values: dict[str, str] | None = None, exclude=("preset", "stage"),
+                         exclusive=()) -> None:
     """One flag per field of the dataclass `config_class`, by one rule for every script:
 
-    - a boolean field `x_y` is `--x-y` / `--no-x-y`;
+    - a boolean field `x_y` (`is_boolean_field`) is `--x-y` / `--no-x-y`;
     - a field named in `repeatable` (a list) takes one value per use (`--dataset A --dataset B`);
     - a field named in `key_values` (a dict) takes `KEY=VALUE` items (`--model hidden_size=256`, repeatable);
     - any other field takes one value, parsed like a YAML setting (`3e-4`, `[0.9, 0.99]`, `none`).
 
+    A field's help is its `metadata["help"]` when it has one. The flags of the fields in each group of `exclusive`
+    (e.g. `[("resume", "overwrite")]`) cannot be given together.
+
     Every flag defaults to None (= not given), so that the preset and the YAML file decide what is not on the
     command line (see `settings_from_args`)."""
     repeatable, key_values = repeatable or {}, key_values or {}
+    target_of = {}  # field -> the mutually exclusive group its flag goes in
+    for names in exclusive:
+        group = parser.add_mutually_exclusive_group()
+        target_of.update({name: group for name in names})
     for f in dataclasses.fields(config_class):
         if f.name in exclude:
             continue  # declared fields set by the stage itself (`stage`) or by `--preset` (see `stage_parser`)
         flag = "--" + f.name.replace("_", "-")
+        target = target_of.get(f.name, parser)
+        given_help = f.metadata.get("help")
         if f.name in key_values:
-            parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE", help=key_values[f.name])
+            target.add_argument(flag, action="append", default=None, metavar="KEY=VALUE", help=key_values[f.name])
         elif f.name in repeatable:
-            parser.add_argument(flag, action="append", default=None, help=repeatable[f.name])
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default from the preset; else {f.default})")
+            target.add_argument(flag, action="append", default=None, help=repeatable[f.name])
+        elif is_boolean_field(f):
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=given_help or f"(default from the preset; else {f.default})")
         else:
-            parser.add_argument(flag, default=None, type=parse_value, metavar=f.name.upper(),
-                                help="(default from the preset)")
+            target.add_argument(flag, default=None, type=parse_value, metavar=f.name.upper(),
+                                help=given_help or "(default from the preset)")
 
 
 def settings_from_args(args: argparse.Namespace, settings: dict, config_class, key_values=()) -> dict:
@@ -150,17 +165,17 @@ def settings_from_args(args: argparse.Namespace, settings: dict, config_class, k
 
 def stage_parser(config_class, *, prog: str, description: str | None = None, presets: dict | None = None,
                  repeatable: dict[str, str] | None = None, key_values: dict[str, str] | None = None,
-                 extra=None) -> argparse.ArgumentParser:
+                 exclusive=(), epilog: str | None = None, extra=None) -> argparse.ArgumentParser:
     """The command line of a stage, built from its config dataclass: `--preset` (when it has presets), `--config
-    FILE` (YAML), and one flag per field by the rule of `add_config_arguments`. `extra(parser)` adds options that
-    are not settings (none of ours so far)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+    FILE` (YAML), and one flag per field by the rule of `add_config_arguments` (`exclusive`: groups of fields whose
+    flags exclude each other). `extra(parser)` adds options that are not settings (none of ours so far)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="settings preset (default: tiny, or the YAML file's `preset`)")
     parser.add_argument("--config", default=None, metavar="FILE", help="YAML file of settings")
-    add_config_arguments(parser, config_class, repeatable, key_values)
+    add_config_arguments(parser, config_class, repeatable, key_values, exclusive=exclusive)
     if extra is not None:
         extra(parser)
     return parser

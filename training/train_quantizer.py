@@ -36,6 +36,10 @@ import torch
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
 from modeling_lapa.configuration_lapa_quantizer import REFERENCE_REPLACEMENT_STEPS
 from modeling_lapa.transformers_compat import enable_activation_checkpointing
+from training.data import (
+    EpochSampler, FramePairDataset, VideoFolderDataset, load_lerobot_dataset, make_streaming_frame_pairs,
+    split_episodes,
+)
 from training.engine import TrainingEngine, TrainingStage
 from training.eval import evaluate_quantizer
 from training.settings import preset_config, resolve_stage_config, stage_parser
@@ -161,63 +165,11 @@ def _validate(c: QuantizerTrainingConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def split_episodes(source, holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """Hold out a share (or a count) of a source's episodes, stratified by task, reproducibly from `seed`."""
-    episodes = list(source.episode_indices)
-    if len(episodes) < 2:
-        raise ValueError(f"{source!r} has {len(episodes)} episode(s): at least 2 are needed to hold one out.")
-    by_task: dict[str, list[int]] = {}
-    for e in episodes:
-        by_task.setdefault(source.episode_task(e), []).append(e)
-    rng = np.random.default_rng(seed)
-    held: list[int] = []
-    if holdout >= 1:  # a count, spread over tasks round-robin
-        pools = {task: list(rng.permutation(eps)) for task, eps in sorted(by_task.items())}
-        while len(held) < int(holdout) and any(pools.values()):
-            for task in sorted(pools):
-                if pools[task] and len(held) < int(holdout):
-                    held.append(int(pools[task].pop()))
-    else:
-        for task, eps in sorted(by_task.items()):
-            k = int(round(holdout * len(eps)))
-            if holdout > 0 and len(eps) > 1:
-                k = max(1, k)
-            held.extend(int(e) for e in rng.permutation(eps)[:k])
-    held_set = set(held)
-    train = [e for e in episodes if e not in held_set]
-    if not train:
-        raise ValueError(f"Holding out {holdout} leaves no training episode in {source!r}.")
-    return train, sorted(held_set)
-
-
 def load_sources(c: QuantizerTrainingConfig) -> list[tuple[str, object]]:
-    from training.data import VideoFolderDataset, load_lerobot_dataset
-
     sources = [(str(path), load_lerobot_dataset(path, skip_corrupt=c.skip_corrupt)) for path in c.dataset]
     for folder, labels in zip(c.video_folder, c.labels):
         sources.append((str(folder), VideoFolderDataset(folder, labels, skip_corrupt=c.skip_corrupt)))
     return sources
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A fresh order each epoch, fixed by (seed, epoch): uniform permutation, or weighted by source."""
-
-    def __init__(self, sizes: list[int], weights: list[float] | None, seed: int):
-        self.sizes, self.weights, self.seed, self.epoch = sizes, weights, seed, 0
-        self.total = int(sum(sizes))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.total
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        if self.weights is None:
-            return iter(torch.randperm(self.total, generator=g).tolist())
-        per_sample = torch.cat([torch.full((n,), w / n, dtype=torch.float64) for n, w in zip(self.sizes, self.weights) if n > 0])
-        return iter(torch.multinomial(per_sample, self.total, replacement=True, generator=g).tolist())
 
 
 def collate_pixels(items: list[dict]) -> torch.Tensor:
@@ -259,8 +211,6 @@ class QuantizerData:
 
 
 def build_data(c: QuantizerTrainingConfig, accelerator, image_size: int) -> QuantizerData:
-    from training.data import FramePairDataset, make_streaming_frame_pairs
-
     sources = load_sources(c)
     train_sets, eval_sets, split = [], [], {}
     for i, (name, source) in enumerate(sources):

@@ -27,10 +27,13 @@ from tqdm.auto import tqdm
 
 from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config
 from modeling_lapa.transformers_compat import enable_activation_checkpointing
+from training.data import (
+    EpochSampler, LABELLING_INFO_KEY, LatentLabelLayout, VLAFrameDataset, load_lerobot_dataset,
+    make_streaming_vla_frames, split_episodes,
+)
 from training.engine import TrainingEngine, TrainingStage
 from training.eval import evaluate_vla
 from training.settings import preset_config, resolve_stage_config, stage_parser
-from training.train_quantizer import EpochSampler, split_episodes  # TEMPORARY until the data layer has them
 
 logger = logging.getLogger("vla_training")
 
@@ -305,8 +308,6 @@ class VLAFrames:
 def load_frames(c: VLATrainingConfig) -> VLAFrames:
     from accelerate.utils import set_seed
 
-    from training.data import VLAFrameDataset, load_lerobot_dataset
-
     if len(c.dataset) != 1:
         raise ValueError("one --dataset per run for now (mix datasets by labelling them into one LeRobot dataset)")
     source = load_lerobot_dataset(c.dataset[0], skip_corrupt=c.skip_corrupt)
@@ -349,8 +350,6 @@ def build_for_frames(c: VLATrainingConfig, frames: VLAFrames):
 
 def make_dataloader(c: VLATrainingConfig, accelerator, frames: VLAFrames, processor):
     """(dataloader, sampler): map-style with an `EpochSampler`, or a stream sharded by rank (sampler None)."""
-    from training.data import make_streaming_vla_frames
-
     collator = VLACollator(processor, c.target, frames.name)
     if c.streaming:
         stream = make_streaming_vla_frames(frames.train, seed=c.seed, rank=accelerator.process_index,
@@ -513,17 +512,9 @@ def plot_training_curves(history: list[dict], evals: list[dict], path: Path, tit
 
 def _labelled_codebook_size(source) -> int | None:
     """The quantizer's codebook size recorded by the labelling stage in info.json, if any."""
-    from training.latent_labels import LABELLING_INFO_KEY
-
-    info = getattr(source.meta, "info", {}) or {}
-    record = info.get(LABELLING_INFO_KEY) or {}
-    for key in ("codebook_size", "num_latent_codes"):
-        if key in record:
-            return int(record[key])
-    quantizer = record.get("quantizer_config") or record.get("quantizer") or {}
-    if isinstance(quantizer, dict) and "codebook_size" in quantizer:
-        return int(quantizer["codebook_size"])
-    return None
+    if LABELLING_INFO_KEY not in (getattr(source.meta, "info", None) or {}):
+        return None  # not labelled by training/label_latents.py: the caller's default applies
+    return LatentLabelLayout.read(source).codebook_size
 
 
 def _point_adapter_at_base(adapter_dir: Path, base: str) -> None:

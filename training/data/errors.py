@@ -121,6 +121,19 @@ class DataFileError(DataLayerError):
         super().__init__(f"{where}{self.path}: {reason}")
 
 
+class LabellingRecordError(DataLayerError):
+    """A dataset's `meta/info.json` has no (or an incomplete) record of its latent-action labelling, so the layout
+    of its `latent_action` column (codebook size, codes per frame, gap, quantizer) is unknown."""
+
+    def __init__(self, where: str | Path, reason: str):
+        self.where = str(where)
+        self.reason = reason
+        super().__init__(
+            f"{self.where}: {reason}. A dataset labelled by `training/label_latents.py` records it; label this one "
+            "with `python training/label_latents.py --dataset <it> --quantizer <quantizer folder> --output <folder>`"
+        )
+
+
 @dataclass(frozen=True)
 class SkippedEpisode:
     """One episode (or video) left out because of bad input, kept so that nothing is dropped silently."""

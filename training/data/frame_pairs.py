@@ -16,30 +16,22 @@ Sources are a `LeRobotDataset` (`load_lerobot_dataset`) or a `VideoFolderDataset
 the map-style dataset decodes an episode once and keeps the last `episode_cache_size` decoded episodes
 (`frame_access="episode"`, fast for ordered or episode-grouped access such as labelling every frame), or
 seeks to the two frames of each pair (`frame_access="seek"`, for shuffled random access).
-`make_streaming_frame_pairs` builds a `datasets.IterableDataset` that decodes each episode once, in the
-worker that owns it.
+`make_streaming_frame_pairs` streams a built `FramePairDataset` as a `datasets.IterableDataset` that decodes each
+episode once, in the worker that owns it. Episode selection, bad-input handling and the episode cache are those of
+`EpisodeFrameDataset` (`episode_frames.py`), shared with the VLA frames.
 """
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
 from typing import Iterator
 
 import datasets
 import numpy as np
 import torch
 
+from .episode_frames import EpisodeFrameDataset
 from .episode_stream import stream_episodes
-from .errors import (
-    EmptyEpisodeError,
-    GapLongerThanEpisodeError,
-    SkippedEpisode,
-    log_skip_summary,
-    skipped_from_error,
-)
-
-logger = logging.getLogger(__name__)
+from .errors import GapLongerThanEpisodeError
 
 
 def gap_in_frames(gap_seconds: float, fps: float) -> int:
@@ -47,7 +39,7 @@ def gap_in_frames(gap_seconds: float, fps: float) -> int:
     return max(1, int(round(gap_seconds * fps)))
 
 
-class FramePairDataset(torch.utils.data.Dataset):
+class FramePairDataset(EpisodeFrameDataset):
     """Map-style frame pairs of one camera of a LeRobot dataset or a video folder.
 
     Args:
@@ -63,6 +55,8 @@ class FramePairDataset(torch.utils.data.Dataset):
         frame_access: "episode" (decode whole episodes, cached) or "seek" (decode the two frames of a pair).
         episode_cache_size: decoded episodes kept per process with frame_access="episode".
     """
+
+    item_name = "pair"
 
     def __init__(
         self,
@@ -84,99 +78,46 @@ class FramePairDataset(torch.utils.data.Dataset):
             raise ValueError(f"frame_access must be 'episode' or 'seek', got {frame_access!r}")
         if not gap_seconds > 0:
             raise ValueError(f"gap_seconds must be positive, got {gap_seconds}")
-        self.source = source
-        self.camera_key = source.resolve_camera_key(camera_key)
+        super().__init__(
+            source, camera_key=camera_key, image_size=image_size, skip_corrupt=skip_corrupt,
+            episode_cache_size=episode_cache_size,
+        )
         self.gap_seconds = gap_seconds
-        self.image_size = image_size
         self.output = output
         self.drop_crossing = drop_crossing
-        self.skip_corrupt = getattr(source, "skip_corrupt", False) if skip_corrupt is None else skip_corrupt
         self.frame_access = frame_access
-        self.episode_cache_size = episode_cache_size
-        self._episode_cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        # What the source skipped, then what the pairing skips: one list of everything left out.
-        self.skipped: list[SkippedEpisode] = list(getattr(source, "skipped", []))
+        self._gaps: dict[int, int] = {}  # episode -> gap in frames at its fps
+        self._index_episodes(self._select_episodes(episodes), what=f"frame pairs (gap {gap_seconds}s)")
 
-        available = list(source.episode_indices)
-        if episodes is None:
-            selected = available
-        else:
-            missing = sorted(set(episodes) - set(available))
-            if missing:
-                raise KeyError(
-                    f"episodes {missing} are not served by the source (missing or skipped); "
-                    f"it serves {len(available)} episodes"
-                )
-            selected = [e for e in available if e in set(episodes)]
+    def _episode_error(self, episode_index: int, length: int) -> GapLongerThanEpisodeError | None:
+        fps = self.source.episode_fps(episode_index)
+        gap = gap_in_frames(self.gap_seconds, fps)
+        if gap < length:
+            return None
+        where = self.source.describe_episode(episode_index, self.camera_key)
+        return GapLongerThanEpisodeError(where, episode_index=episode_index, length=length, gap_frames=gap, fps=fps)
 
-        own_skipped: list[SkippedEpisode] = []
-        self.episode_indices: list[int] = []
-        self._gaps: dict[int, int] = {}
-        counts = []
-        for episode_index in selected:
-            length = source.episode_length(episode_index)
-            fps = source.episode_fps(episode_index)
-            gap = gap_in_frames(gap_seconds, fps)
-            where = source.describe_episode(episode_index, self.camera_key)
-            error = None
-            if length <= 0:
-                error = EmptyEpisodeError(where, episode_index=episode_index)
-            elif gap >= length:
-                error = GapLongerThanEpisodeError(
-                    where, episode_index=episode_index, length=length, gap_frames=gap, fps=fps
-                )
-            if error is not None:
-                if not self.skip_corrupt:
-                    raise error
-                own_skipped.append(skipped_from_error(error, episode_index=episode_index, path=where))
-                continue
-            self.episode_indices.append(episode_index)
-            self._gaps[episode_index] = gap
-            counts.append(length - gap if drop_crossing else length)
-        self.skipped.extend(own_skipped)
-        log_skip_summary(logger, own_skipped, what=f"frame pairs (gap {gap_seconds}s)")
-        self._offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
-        self._positions = {episode_index: i for i, episode_index in enumerate(self.episode_indices)}
+    def _index_episode(self, episode_index: int, length: int) -> int:
+        gap = gap_in_frames(self.gap_seconds, self.source.episode_fps(episode_index))
+        self._gaps[episode_index] = gap
+        return length - gap if self.drop_crossing else length
 
     # -- indexing ----------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
     def num_pairs(self, episode_index: int) -> int:
-        position = self._positions[episode_index]
-        return int(self._offsets[position + 1] - self._offsets[position])
+        return self.num_items(episode_index)
 
     def gap_frames(self, episode_index: int) -> int:
         return self._gaps[episode_index]
 
     def locate(self, idx: int) -> tuple[int, int, int]:
         """(episode_index, t, t + gap clamped to the last frame) of pair `idx`."""
-        if idx < 0:
-            idx += len(self)
-        if not 0 <= idx < len(self):
-            raise IndexError(f"pair index {idx} out of range for {len(self)} pairs")
-        position = int(np.searchsorted(self._offsets, idx, side="right") - 1)
-        episode_index = self.episode_indices[position]
-        t = idx - int(self._offsets[position])
+        episode_index, t = super().locate(idx)
         return episode_index, t, self._target(episode_index, t)
 
     def _target(self, episode_index: int, t: int) -> int:
         return min(t + self._gaps[episode_index], self.source.episode_length(episode_index) - 1)
 
-    # -- decoding ----------------------------------------------------------------------------------------
-    def decode_episode(self, episode_index: int) -> np.ndarray:
-        """All frames of an episode for this camera and size: (T, S, S, 3) uint8, decoded once."""
-        return self.source.decode_episode(episode_index, self.camera_key, size=self.image_size)
-
-    def _cached_episode(self, episode_index: int) -> np.ndarray:
-        frames = self._episode_cache.pop(episode_index, None)
-        if frames is None:
-            frames = self.decode_episode(episode_index)
-        self._episode_cache[episode_index] = frames
-        while len(self._episode_cache) > self.episode_cache_size:
-            self._episode_cache.popitem(last=False)
-        return frames
-
+    # -- items -------------------------------------------------------------------------------------------
     def make_item(self, episode_index: int, t: int, pair: np.ndarray, *, as_float: bool | None = None) -> dict:
         """The item of pair (t, t + gap) from its two frames (2, H, W, 3) uint8."""
         pixels = torch.from_numpy(np.ascontiguousarray(pair.transpose(0, 3, 1, 2)))  # (2, 3, H, W)
@@ -213,17 +154,11 @@ class FramePairDataset(torch.utils.data.Dataset):
         for t in range(count) if order is None else order:
             yield self.make_item(episode_index, int(t), frames[[t, self._target(episode_index, int(t))]], as_float=as_float)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_episode_cache"] = OrderedDict()  # decoded frames are a per-process cache
-        return state
-
-    def __repr__(self) -> str:
-        return (
-            f"FramePairDataset(pairs={len(self)}, episodes={len(self.episode_indices)}, camera={self.camera_key!r}, "
-            f"gap_seconds={self.gap_seconds}, image_size={self.image_size}, output={self.output!r}, "
-            f"drop_crossing={self.drop_crossing}, skipped={len(self.skipped)})"
-        )
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"camera={self.camera_key!r}", f"gap_seconds={self.gap_seconds}", f"image_size={self.image_size}",
+            f"output={self.output!r}", f"drop_crossing={self.drop_crossing}",
+        ]
 
 
 # -- streaming ---------------------------------------------------------------------------------------------
@@ -233,28 +168,22 @@ def _pixels_to_float(item: dict) -> dict:
 
 
 def make_streaming_frame_pairs(
-    source,
+    pairs: FramePairDataset,
     *,
-    camera_key: str | None = None,
-    gap_seconds: float = 0.6,
-    image_size: int | None = None,
-    output: str = "float",
-    drop_crossing: bool = False,
-    episodes: list[int] | None = None,
-    skip_corrupt: bool | None = None,
-    shuffle: bool = True,
     seed: int = 0,
+    shuffle: bool = True,
     shuffle_buffer_size: int | None = None,
     interleave_episodes: int = 8,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> datasets.IterableDataset:
-    """Frame pairs as a `datasets.IterableDataset`, one shard per episode.
+    """The pairs of a `FramePairDataset` as a `datasets.IterableDataset`, one shard per episode.
 
     Each episode is decoded once, sequentially, by the process that owns its shard. Sharding does the rest:
     `split_dataset_by_node` gives each rank its episodes (or, when the number of episodes is not divisible by
     `world_size`, every rank reads all and keeps every world_size-th pair), and a DataLoader gives each worker
-    a share of its rank's episodes, so no pair is read twice.
+    a share of its rank's episodes, so no pair is read twice. `world_size=None` does not split (a caller that
+    interleaves several streams splits the mix instead).
 
     Shuffling (`shuffle=True`), all of it reproducible from `seed` and resumable exactly from
     `state_dict()`: the episode order is shuffled (reshuffled by `set_epoch`), pairs within an episode come
@@ -264,21 +193,13 @@ def make_streaming_frame_pairs(
     the buffer in `state_dict()`, so after a resume the pairs that were in the buffer are not seen again in
     that epoch (none is seen twice).
 
-    `source` is a `LeRobotDataset`, a `VideoFolderDataset` or a `FramePairDataset` (whose settings are then
-    used and the pairing arguments ignored). Items are those of `FramePairDataset` (tensors).
+    Items are those of `FramePairDataset` (tensors), with its settings (gap, size, output, episodes).
+    `make_streaming_vla_frames` takes the same keywords.
     """
-    if isinstance(source, FramePairDataset):
-        pairs = source
-    else:
-        pairs = FramePairDataset(
-            source,
-            camera_key=camera_key,
-            gap_seconds=gap_seconds,
-            image_size=image_size,
-            output=output,
-            drop_crossing=drop_crossing,
-            episodes=episodes,
-            skip_corrupt=skip_corrupt,
+    if not isinstance(pairs, FramePairDataset):
+        raise TypeError(
+            f"make_streaming_frame_pairs takes a FramePairDataset, got {type(pairs).__name__}: build one first, "
+            "e.g. FramePairDataset(source, gap_seconds=0.6, image_size=128)"
         )
     if not pairs.episode_indices:
         raise ValueError(f"no episode to stream (skipped: {len(pairs.skipped)})")

@@ -17,24 +17,24 @@ An item is a dict:
 currency); `collate_vla_frames` turns a list of either into a batch for `LAPAProcessor`.
 
 Rows of episodes that labelling could not label carry `UNLABELLED_CODE` (-1) in every slot
-(`training/latent_labels.py`); with target="latent" those frames are left out, counted in
-`num_unlabelled_frames` and logged once. Frames are decoded a whole episode at a time, as in
-`frame_pairs.py`: the map-style dataset keeps the last `episode_cache_size` decoded episodes, and the stream
+(`latent_actions.py`); with target="latent" those frames are left out, counted in `num_unlabelled_frames` and
+logged once. Frames are decoded a whole episode at a time, as in `frame_pairs.py` (both are an
+`EpisodeFrameDataset`): the map-style dataset keeps the last `episode_cache_size` decoded episodes, and the stream
 decodes each episode once in the process that owns its shard.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Iterator
 
 import datasets
 import numpy as np
 import torch
 
+from .episode_frames import EpisodeFrameDataset
 from .episode_stream import stream_episodes
-from .errors import EmptyEpisodeError, SkippedEpisode, log_skip_summary, skipped_from_error
+from .latent_actions import LABELLING_INFO_KEY, LATENT_ACTION_KEY, UNLABELLED_CODE
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +42,12 @@ TARGETS = ("latent", "action")
 ACTION_KEY = "action"
 
 
-def _latent_label_names() -> tuple[str, int]:
-    """(`LATENT_ACTION_KEY`, `UNLABELLED_CODE`) of the labelling stage.
-
-    Imported when needed, not at module level: `training.latent_labels` imports `training.data.errors`, so a
-    module-level import here would make `import training.latent_labels` (first) a circular import.
-    """
-    from ..latent_labels import LATENT_ACTION_KEY, UNLABELLED_CODE
-
-    return LATENT_ACTION_KEY, UNLABELLED_CODE
-
-
 def _as_rows(values: np.ndarray) -> np.ndarray:
     """Per-frame values (T,) or (T, D) as (T, D): a one-slot column may be stored as scalars."""
     return values.reshape(len(values), -1)
 
 
-class VLAFrameDataset(torch.utils.data.Dataset):
+class VLAFrameDataset(EpisodeFrameDataset):
     """Map-style frames of one camera of a LeRobot dataset, each with its instruction and target.
 
     Args:
@@ -80,6 +69,8 @@ class VLAFrameDataset(torch.utils.data.Dataset):
         skipped: `SkippedEpisode` records of what the source and this dataset left out for bad input.
     """
 
+    item_name = "frame"
+
     def __init__(
         self,
         source,
@@ -96,39 +87,23 @@ class VLAFrameDataset(torch.utils.data.Dataset):
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if int(frame_stride) != frame_stride or frame_stride < 1:
             raise ValueError(f"frame_stride must be a positive integer, got {frame_stride!r}")
-        latent_key, unlabelled_code = _latent_label_names()
-        self.source = source
+        super().__init__(
+            source, camera_key=camera_key, image_size=image_size, skip_corrupt=skip_corrupt,
+            episode_cache_size=episode_cache_size,
+        )
         self.target = target
-        self.latent_key = latent_key
-        self.camera_key = source.resolve_camera_key(camera_key)
-        self.image_size = image_size
-        self.episode_cache_size = episode_cache_size
-        self.skip_corrupt = getattr(source, "skip_corrupt", False) if skip_corrupt is None else skip_corrupt
+        self.latent_key = LATENT_ACTION_KEY
         self.frame_stride = int(frame_stride)
-        self._episode_cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.skipped: list[SkippedEpisode] = list(getattr(source, "skipped", []))
-
-        available = list(source.episode_indices)
-        if episodes is None:
-            selected = available
-        else:
-            missing = sorted(set(episodes) - set(available))
-            if missing:
-                raise KeyError(
-                    f"episodes {missing} are not served by the source (missing or skipped); "
-                    f"it serves {len(available)} episodes"
-                )
-            wanted = set(int(e) for e in episodes)
-            selected = [e for e in available if e in wanted]
+        selected = self._select_episodes(episodes)
 
         # The target column must exist before anything else is worth checking.
-        self._target_key = latent_key if target == "latent" else ACTION_KEY
-        if not self._has_column(self._target_key, available):
+        self._target_key = LATENT_ACTION_KEY if target == "latent" else ACTION_KEY
+        if not self._has_column(self._target_key, list(source.episode_indices)):
             where = getattr(source, "root", source)
             if target == "latent":
                 raise KeyError(
-                    f"{where}: target='latent' needs the per-frame column {latent_key!r}, which this dataset does "
-                    "not have. Label the dataset with the quantizer first: `python training/label_latents.py "
+                    f"{where}: target='latent' needs the per-frame column {LATENT_ACTION_KEY!r}, which this dataset "
+                    "does not have. Label the dataset with the quantizer first: `python training/label_latents.py "
                     "--dataset <this dataset> --quantizer <quantizer folder> --output <labelled folder>`, then "
                     "load the labelled folder."
                 )
@@ -137,44 +112,31 @@ class VLAFrameDataset(torch.utils.data.Dataset):
                 "this dataset does not have: action finetuning needs a dataset recorded with actions."
             )
 
-        own_skipped: list[SkippedEpisode] = []
-        self.episode_indices: list[int] = []
         self.unlabelled_episodes: list[int] = []
         self.num_unlabelled_frames = 0
         self._frames: dict[int, np.ndarray] = {}  # episode -> frame indices t served, (n,) int64
-        for episode_index in selected:
-            length = source.episode_length(episode_index)
-            if length <= 0:
-                where = source.describe_episode(episode_index, self.camera_key)
-                error = EmptyEpisodeError(where, episode_index=episode_index)
-                if not self.skip_corrupt:
-                    raise error
-                own_skipped.append(skipped_from_error(error, episode_index=episode_index, path=where))
-                continue
-            frames = np.arange(0, length, self.frame_stride, dtype=np.int64)
-            if target == "latent":
-                codes = _as_rows(source.episode_column(episode_index, latent_key))[frames]
-                # Labelling writes -1 in every slot of a row it could not label; any -1 slot is not a code.
-                labelled = ~np.any(codes == unlabelled_code, axis=1)
-                self.num_unlabelled_frames += int(np.count_nonzero(~labelled))
-                frames = frames[labelled]
-                if len(frames) == 0:
-                    self.unlabelled_episodes.append(episode_index)
-                    continue
-            self.episode_indices.append(episode_index)
-            self._frames[episode_index] = frames
-        self.skipped.extend(own_skipped)
-        log_skip_summary(logger, own_skipped, what="VLA frames")
+        self._index_episodes(selected, what="VLA frames")
         if self.num_unlabelled_frames:
             logger.warning(
                 "VLA frames: left out %d frame(s) whose latent label is UNLABELLED (%d), %d episode(s) entirely "
-                "(%s); labelling could not label them (see info.json['latent_action_labelling']['skipped_episodes'])",
-                self.num_unlabelled_frames, unlabelled_code, len(self.unlabelled_episodes),
-                self.unlabelled_episodes[:10],
+                "(%s); labelling could not label them (see info.json[%r]['skipped_episodes'])",
+                self.num_unlabelled_frames, UNLABELLED_CODE, len(self.unlabelled_episodes),
+                self.unlabelled_episodes[:10], LABELLING_INFO_KEY,
             )
-        counts = [len(self._frames[e]) for e in self.episode_indices]
-        self._offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
-        self._positions = {episode_index: i for i, episode_index in enumerate(self.episode_indices)}
+
+    def _index_episode(self, episode_index: int, length: int) -> int:
+        frames = np.arange(0, length, self.frame_stride, dtype=np.int64)
+        if self.target == "latent":
+            codes = _as_rows(self.source.episode_column(episode_index, self.latent_key))[frames]
+            # Labelling writes -1 in every slot of a row it could not label; any -1 slot is not a code.
+            labelled = ~np.any(codes == UNLABELLED_CODE, axis=1)
+            self.num_unlabelled_frames += int(np.count_nonzero(~labelled))
+            frames = frames[labelled]
+            if len(frames) == 0:
+                self.unlabelled_episodes.append(episode_index)
+                return 0
+        self._frames[episode_index] = frames
+        return len(frames)
 
     def _has_column(self, name: str, episodes: list[int]) -> bool:
         """Whether the source's frame rows hold a numeric column `name` (read from the data, not info.json)."""
@@ -183,26 +145,16 @@ class VLAFrameDataset(torch.utils.data.Dataset):
         return name in self.source.meta.features
 
     # -- indexing ----------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
     def num_frames(self, episode_index: int) -> int:
         """Frames served from one episode."""
-        return len(self._frames[episode_index])
+        return self.num_items(episode_index)
 
     def frame_indices(self, episode_index: int) -> np.ndarray:
         """The frame indices t served from one episode, ascending: (n,) int64."""
         return self._frames[episode_index]
 
-    def locate(self, idx: int) -> tuple[int, int]:
-        """(episode_index, frame_index) of item `idx`."""
-        if idx < 0:
-            idx += len(self)
-        if not 0 <= idx < len(self):
-            raise IndexError(f"frame index {idx} out of range for {len(self)} frames")
-        position = int(np.searchsorted(self._offsets, idx, side="right") - 1)
-        episode_index = self.episode_indices[position]
-        return episode_index, int(self._frames[episode_index][idx - int(self._offsets[position])])
+    def _frame_at(self, episode_index: int, k: int) -> int:
+        return int(self._frames[episode_index][k])
 
     # -- targets and instructions, read from the parquet columns (no video) --------------------------------
     def episode_targets(self, episode_index: int) -> np.ndarray:
@@ -258,20 +210,7 @@ class VLAFrameDataset(torch.utils.data.Dataset):
                 found.update(tasks[int(i)] for i in np.unique(task_index[self._frames[episode_index]]))
         return sorted(found)
 
-    # -- decoding and items ------------------------------------------------------------------------------
-    def decode_episode(self, episode_index: int) -> np.ndarray:
-        """All frames of an episode for this camera and size: (T, S, S, 3) uint8, decoded once."""
-        return self.source.decode_episode(episode_index, self.camera_key, size=self.image_size)
-
-    def _cached_episode(self, episode_index: int) -> np.ndarray:
-        frames = self._episode_cache.pop(episode_index, None)
-        if frames is None:
-            frames = self.decode_episode(episode_index)
-        self._episode_cache[episode_index] = frames
-        while len(self._episode_cache) > self.episode_cache_size:
-            self._episode_cache.popitem(last=False)
-        return frames
-
+    # -- items ------------------------------------------------------------------------------
     def make_item(
         self, episode_index: int, t: int, image: np.ndarray, targets: np.ndarray, *, as_numpy: bool = False
     ) -> dict:
@@ -305,32 +244,25 @@ class VLAFrameDataset(torch.utils.data.Dataset):
             t = int(served[position])
             yield self.make_item(episode_index, t, frames[t], targets, as_numpy=as_numpy)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_episode_cache"] = OrderedDict()  # decoded frames are a per-process cache
-        return state
-
-    def __repr__(self) -> str:
-        return (
-            f"VLAFrameDataset(frames={len(self)}, episodes={len(self.episode_indices)}, target={self.target!r}, "
-            f"camera={self.camera_key!r}, image_size={self.image_size}, frame_stride={self.frame_stride}, "
-            f"unlabelled_frames={self.num_unlabelled_frames}, skipped={len(self.skipped)})"
-        )
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"target={self.target!r}", f"camera={self.camera_key!r}", f"image_size={self.image_size}",
+            f"frame_stride={self.frame_stride}", f"unlabelled_frames={self.num_unlabelled_frames}",
+        ]
 
 
 # -- streaming ---------------------------------------------------------------------------------------------
 def make_streaming_vla_frames(
-    source_or_dataset,
+    frames: VLAFrameDataset,
     *,
-    shuffle: bool = True,
     seed: int = 0,
+    shuffle: bool = True,
     shuffle_buffer_size: int | None = None,
     interleave_episodes: int = 8,
     rank: int | None = None,
     world_size: int | None = None,
-    **dataset_kwargs,
 ) -> datasets.IterableDataset:
-    """VLA frames as a `datasets.IterableDataset`, one shard per episode.
+    """The frames of a `VLAFrameDataset` as a `datasets.IterableDataset`, one shard per episode.
 
     Items are those of `VLAFrameDataset` with numpy arrays instead of tensors: `image` (H, W, 3) uint8,
     `latent_codes` (s,) int64 or `action` (D,) float32, `instruction`, `episode_index`, `frame_index`.
@@ -338,7 +270,7 @@ def make_streaming_vla_frames(
     Each episode is decoded once, sequentially, by the process that owns its shard. `split_dataset_by_node`
     gives each rank its episodes (or, when the number of episodes is not divisible by `world_size`, every
     rank reads all and keeps every world_size-th frame), and a DataLoader gives each worker a share of its
-    rank's episodes, so no frame is served twice.
+    rank's episodes, so no frame is served twice. `world_size=None` does not split.
 
     Shuffling (`shuffle=True`), reproducible from `seed` and resumable exactly from `state_dict()`: the
     episode order is shuffled (reshuffled by `set_epoch`), the frames of an episode come in a permutation
@@ -348,18 +280,13 @@ def make_streaming_vla_frames(
     not save the buffer in `state_dict()`, so after a resume the frames that were in it are not seen again in
     that epoch (none is seen twice).
 
-    `source_or_dataset` is a `LeRobotDataset`, built into a `VLAFrameDataset` with `dataset_kwargs` (target,
-    episodes, camera_key, image_size, skip_corrupt, frame_stride), or a `VLAFrameDataset` used as is.
+    The keywords are those of `make_streaming_frame_pairs`.
     """
-    if isinstance(source_or_dataset, VLAFrameDataset):
-        if dataset_kwargs:
-            raise TypeError(
-                f"got a VLAFrameDataset and dataset arguments {sorted(dataset_kwargs)}: pass either a built "
-                "VLAFrameDataset or a LeRobotDataset with the arguments to build one"
-            )
-        frames = source_or_dataset
-    else:
-        frames = VLAFrameDataset(source_or_dataset, **dataset_kwargs)
+    if not isinstance(frames, VLAFrameDataset):
+        raise TypeError(
+            f"make_streaming_vla_frames takes a VLAFrameDataset, got {type(frames).__name__}: build one first, "
+            "e.g. VLAFrameDataset(source, target='latent', image_size=224)"
+        )
     if not frames.episode_indices:
         raise ValueError(
             f"no episode to stream (unlabelled: {len(frames.unlabelled_episodes)}, skipped: {len(frames.skipped)})"

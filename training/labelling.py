@@ -1,13 +1,18 @@
-"""The pieces of latent-action labelling (`training/label_latents.py` runs them under `accelerate launch`).
+"""The library of latent-action labelling: the shard plan, the work dir of shard files, resuming, encoding and the
+merge (`training/label_latents.py` is the script that runs them, under `accelerate launch`).
 
-Labelling turns a LeRobot v3.0 dataset into the same dataset plus one per-frame feature, `latent_action`: the s
-codes the quantizer's encoder gives the frame pair (x_t, x_{t+gap}), the gap clamped at the episode end as in
-training, so that every frame gets a label.
+Labelling turns a LeRobot dataset into the same dataset (as v3.0) plus one per-frame feature, `latent_action`: the
+s codes the quantizer's encoder gives the frame pair (x_t, x_{t+gap}), the gap clamped at the episode end as in
+training, so that every frame gets a label. The column, its feature and the record of how it was made are the data
+layer's (`training/data/latent_actions.py`: `LATENT_ACTION_KEY`, `LatentLabelLayout`, ...).
+
+The gap: `--gap-seconds` if given, else the `gap_seconds` the quantizer was trained with (its config.json), else
+`DEFAULT_GAP_SECONDS` (`resolve_gap_seconds`); the record says which.
 
 The work is cut into shards, fixed groups of consecutive episodes (`plan_shards`). Process r of W labels the
 unfinished shards r, r+W, ...; each finished shard's codes go to one parquet file in the work dir
 `<output>/.labelling/`, written atomically (temporary file, fsync, rename), so a killed run leaves only whole shards
-and resuming skips them.
+and resuming skips them (`decide_output_mode` says whether a run starts fresh, resumes or overwrites).
 When every shard exists the main process merges (`merge_labelled_dataset`): the source's videos are hard-linked
 (or copied) unchanged, its data parquet files are rewritten with every original column plus `latent_action`, in
 the same row order and file layout, and `meta/` is copied and updated (`info.json` features and a record of the
@@ -19,8 +24,7 @@ start at the episode's first frame, in fp32 and eval mode, so every pair is comp
 process takes its shard.
 
 A LeRobot v2.x source (one data and one video file per episode) becomes a v3.0 dataset without touching its
-frames: the n-th episode's files are hard-linked (or copied) to v3.0 data and video file (n // chunks_size,
-n % chunks_size), one episode per file (`legacy_v3_locations`), with v3.0 metadata written from the v2.x jsonl.
+frames (`training/data/lerobot_legacy.py`).
 
 Episodes that cannot be labelled (with `skip_corrupt`: unreadable videos, episodes shorter than the gap, ...) are
 never dropped silently: their rows stay in the output with every slot set to `UNLABELLED_CODE` (-1, not a valid
@@ -35,50 +39,52 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
-import datasets
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from .data.errors import SkippedEpisode
+from .data.files import (
+    TEMPORARY_NAME,
+    copy_tree_except,
+    fsync_and_replace,
+    remove_temporary_files,
+    temporary_path,
+    write_bytes_atomically,
+    write_parquet_atomically,
+)
+from .data.latent_actions import (
+    LABELLING_INFO_KEY,
+    LATENT_ACTION_KEY,
+    UNLABELLED_CODE,
+    LatentLabelLayout,
+    data_schema_with_latent_actions,
+    latent_action_feature,
+    without_latent_actions,
+)
 from .data.lerobot_format import (
-    CODEBASE_VERSION,
-    DATA_PATH,
-    DEFAULT_CHUNKS_SIZE,
-    DEFAULT_DATA_FILES_SIZE_IN_MB,
-    DEFAULT_VIDEO_FILES_SIZE_IN_MB,
     EPISODES_DIR,
-    EPISODES_PATH,
     INFO_PATH,
     LEGACY_EPISODES_PATH,
-    LEGACY_EPISODES_STATS_PATH,
     LEGACY_TASKS_PATH,
     STATS_PATH,
-    TASKS_PATH,
-    VIDEO_PATH,
     column_to_numpy,
 )
+from .data.lerobot_legacy import legacy_info_as_v3, v3_data_files, write_legacy_as_v3
 from .data.stats import compute_vector_stats, stats_to_json
 
 logger = logging.getLogger(__name__)
 
-LATENT_ACTION_KEY = "latent_action"
-LABELLING_INFO_KEY = "latent_action_labelling"  # info.json record of how the labels were made
-UNLABELLED_CODE = -1  # every slot of a row whose episode could not be labelled
 WORK_DIR_NAME = ".labelling"
 PLAN_FILE = "plan.json"
 DEFAULT_GAP_SECONDS = 0.6  # the paper's gap for robot video
-TRAINING_CONFIG_NAMES = ("training_config.json", "training_config.yaml", "training_config.yml")
 TARGET_SHARDS = 1024  # automatic shard size aims at about this many shards
 _SHARD_METADATA_KEY = b"lapa_labelling_shard"
 PLAN_FORMAT = 1  # version of plan.json and the shard files; a resume checks it with the rest of the plan
-_TEMPORARY_NAME = re.compile(r"\.tmp-[0-9-]+$")  # `<final name>.tmp-<pid>` or `.tmp-<rank>-<pid>`
 
 
 class LabellingError(Exception):
@@ -105,7 +111,9 @@ def load_quantizer(folder: str | Path, device: torch.device | str = "cpu"):
         model_type = json.loads(config_path.read_text()).get("model_type")
     except json.JSONDecodeError as error:
         raise LabellingError(f"--quantizer {config_path}: unreadable JSON ({error})") from error
-    import modeling_lapa  # registers the LAPA models with the Auto classes
+    # Imported here, when a model is loaded: transformers is slow to import and the rest of this library (plan, work
+    # dir, merge) does not need it. modeling_lapa registers the LAPA models with the Auto classes.
+    import modeling_lapa
     from transformers import AutoModel
 
     if model_type != modeling_lapa.LAPAQuantizerConfig.model_type:
@@ -148,44 +156,23 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _find_key(tree, key: str, depth: int = 2):
-    """The value of `key` at the top of a nested dict, or up to `depth` levels down (first found, in order)."""
-    if not isinstance(tree, dict):
-        return None
-    if key in tree:
-        return tree[key]
-    if depth > 0:
-        for value in tree.values():
-            found = _find_key(value, key, depth - 1)
-            if found is not None:
-                return found
-    return None
+def resolve_gap_seconds(gap_seconds: float | None, model_config, quantizer_path: str | Path) -> tuple[float, str]:
+    """The gap of the pairs to label, and where it came from (recorded as `gap_seconds_from`):
 
-
-def gap_seconds_from_training_config(quantizer_dir: str | Path) -> tuple[float, str] | None:
-    """The `gap_seconds` the quantizer was trained with, from a training config saved beside the model.
-
-    Looks for `training_config.json` / `.yaml` / `.yml` in the folder (and, for a checkpoint folder inside a run
-    folder, in its parent) and takes `gap_seconds` from the top level or a nested section. Returns
-    (gap_seconds, file it came from), or None when there is no such file or key.
+        gap_seconds given (--gap-seconds)      -> (gap_seconds, "--gap-seconds")
+        else model_config.gap_seconds is set   -> (that gap, "<quantizer>/config.json"): the gap it was trained with
+        else                                   -> (DEFAULT_GAP_SECONDS, "default")
     """
-    folder = Path(quantizer_dir)
-    for directory in (folder, folder.parent):
-        for name in TRAINING_CONFIG_NAMES:
-            path = directory / name
-            if not path.exists():
-                continue
-            text = path.read_text()
-            if path.suffix == ".json":
-                tree = json.loads(text)
-            else:
-                import yaml
-
-                tree = yaml.safe_load(text)
-            value = _find_key(tree, "gap_seconds")
-            if value is not None:
-                return float(value), str(path)
-    return None
+    trained_with = getattr(model_config, "gap_seconds", None)  # None: unknown (a quantizer saved before the field)
+    if gap_seconds is not None:
+        gap, where = float(gap_seconds), "--gap-seconds"
+    elif trained_with is not None:
+        gap, where = float(trained_with), str(Path(quantizer_path) / "config.json")
+    else:
+        gap, where = DEFAULT_GAP_SECONDS, "default"
+    if not gap > 0:
+        raise LabellingError(f"the gap must be positive, got {gap} (from {where})")
+    return gap, where
 
 
 # -- the shard plan -------------------------------------------------------------------------------------------
@@ -245,7 +232,7 @@ class LabellingWorkDir:
 
     def write_plan(self, plan: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.plan_path, json.dumps(plan, indent=2).encode())
+        write_bytes_atomically(self.plan_path, json.dumps(plan, indent=2).encode())
 
     def finished_shards(self) -> set[int]:
         """Ids of the shard files present (renamed into place, so complete)."""
@@ -262,7 +249,7 @@ class LabellingWorkDir:
         removed = []
         if self.path.exists():
             for name in os.listdir(self.path):
-                if _TEMPORARY_NAME.search(name):
+                if TEMPORARY_NAME.search(name):
                     (self.path / name).unlink(missing_ok=True)
                     removed.append(name)
         return removed
@@ -318,9 +305,9 @@ class LabellingWorkDir:
         }
         table = table.replace_schema_metadata({_SHARD_METADATA_KEY: json.dumps(metadata).encode()})
         path = self.shard_path(shard_id)
-        temporary = path.with_name(f"{path.name}.tmp-{tag}")
+        temporary = temporary_path(path, tag)
         pq.write_table(table, temporary)
-        _fsync_and_replace(temporary, path)
+        fsync_and_replace(temporary, path)
         return path
 
     def read_shard(self, shard_id: int) -> tuple[pa.Table, dict]:
@@ -338,42 +325,64 @@ def _shard_metadata(schema: pa.Schema) -> dict:
     return json.loads(raw)
 
 
-def _fsync_and_replace(temporary: Path, final: Path) -> None:
-    """Makes `temporary` durable, then renames it to `final` (atomic on POSIX) and syncs the directory, so a
-    crash leaves either the whole new file or none."""
-    with open(temporary, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(temporary, final)
-    try:
-        directory = os.open(final.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+# -- starting, resuming or overwriting -----------------------------------------------------------------------
+def plan_digest(plan: dict) -> str:
+    """sha256 of a plan (without its digest): two runs with the same digest label the same shards the same way."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def _remove_temporary_files(output: Path) -> None:
-    for directory, subdirectories, files in os.walk(output):
-        subdirectories[:] = [d for d in subdirectories if d != WORK_DIR_NAME]
-        for name in files:
-            if _TEMPORARY_NAME.search(name):
-                os.unlink(os.path.join(directory, name))
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = [k for k in new if k not in ("plan_sha256", "shards", "shard_frames")]
+    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new[k]]
+    if old.get("shards") != new.get("shards") and not changed:
+        changed.append("the shard layout")
+    return changed
 
 
-def _write_parquet_atomically(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, temporary)
-    _fsync_and_replace(temporary, path)
+def same_folder_or_nested(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_bytes(payload)
-    _fsync_and_replace(temporary, path)
+def decide_output_mode(output: Path, work_dir: LabellingWorkDir, plan: dict, *, resume: bool | None,
+                       overwrite: bool) -> str:
+    """'fresh', 'resume' or 'overwrite', or a LabellingError saying why the run cannot start.
+
+    `resume`: None continues an unfinished run with the same plan if `output` holds one (else starts fresh), False
+    refuses to continue one, True is None that says so. `overwrite` deletes a labelled dataset or an unfinished
+    run first (other non-empty folders are refused).
+    """
+    if output.exists() and not output.is_dir():
+        raise LabellingError(f"--output {output} exists and is not a folder")
+    has_content = output.exists() and any(output.iterdir())
+    if overwrite:
+        if has_content and not is_labelling_output(output):
+            # A guard against a mistyped path: only folders this tool wrote are deleted.
+            raise LabellingError(
+                f"--output {output} is not empty and is not a labelled dataset or an unfinished labelling run; "
+                "--overwrite deletes only those. Choose another --output or empty the folder yourself"
+            )
+        return "overwrite"
+    if work_dir.exists():
+        if resume is False:
+            raise LabellingError(
+                f"--output {output} holds an unfinished labelling run ({work_dir.path}); rerun without --no-resume "
+                "to continue it, or pass --overwrite to start over"
+            )
+        old = work_dir.read_plan()
+        if old.get("plan_sha256") != plan["plan_sha256"]:
+            raise LabellingError(
+                f"--output {output} holds an unfinished labelling run with other settings ("
+                + "; ".join(_differences(old, plan))
+                + "); pass --overwrite to start over with the new ones, or rerun with the old ones to finish it"
+            )
+        return "resume"
+    if has_content:
+        what = "a labelled dataset" if (output / "meta" / "info.json").exists() else "not empty"
+        raise LabellingError(f"--output {output} exists and is {what}; pass --overwrite to replace it")
+    if resume:
+        logger.info("--resume: %s has no unfinished run; starting a new one", output)
+    return "fresh"
 
 
 # -- encoding -------------------------------------------------------------------------------------------------
@@ -407,56 +416,6 @@ def encode_episode(
 
 
 # -- merging --------------------------------------------------------------------------------------------------
-def latent_action_feature(code_seq_len: int) -> dict:
-    """The `info.json` feature of the labels: int64, one code per slot."""
-    return {"dtype": "int64", "shape": [code_seq_len], "names": [f"slot_{i}" for i in range(code_seq_len)]}
-
-
-def _without_old_labels(table: pa.Table) -> pa.Table:
-    """A source labelled before (relabelling with another quantizer): its `latent_action` column is dropped, also
-    from the `huggingface` schema metadata, and replaced by the new labels."""
-    if LATENT_ACTION_KEY not in table.column_names:
-        return table
-    table = table.drop_columns([LATENT_ACTION_KEY])
-    metadata = dict(table.schema.metadata or {})
-    if b"huggingface" in metadata:
-        hf = json.loads(metadata[b"huggingface"])
-        hf.get("info", {}).get("features", {}).pop(LATENT_ACTION_KEY, None)
-        metadata[b"huggingface"] = json.dumps(hf).encode()
-    return table.replace_schema_metadata(metadata)
-
-
-def _data_schema_with_labels(schema: pa.Schema, code_seq_len: int) -> pa.Schema:
-    """The source's data schema with `latent_action` appended, and the `huggingface` schema metadata updated so
-    that `datasets.load_dataset("parquet", ...)` reads every column back with its type."""
-    features = datasets.Features.from_arrow_schema(schema)
-    features[LATENT_ACTION_KEY] = datasets.List(datasets.Value("int64"), length=code_seq_len)
-    labelled = features.arrow_schema
-    metadata = dict(schema.metadata or {})
-    metadata[b"huggingface"] = labelled.metadata[b"huggingface"]
-    return schema.append(labelled.field(LATENT_ACTION_KEY)).with_metadata(metadata)
-
-
-def _link_or_copy(source: Path, destination: Path, *, copy: bool) -> str:
-    """Hard-links `source` (resolved: Hub snapshots hold symlinks) to `destination`, or copies it when linking is
-    impossible (another file system) or `copy` is set. Replaces an existing destination atomically."""
-    real = Path(os.path.realpath(source))
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
-    temporary.unlink(missing_ok=True)
-    how = "copy"
-    if not copy:
-        try:
-            os.link(real, temporary)
-            how = "hardlink"
-        except OSError:
-            pass
-    if how == "copy":
-        shutil.copy2(real, temporary)
-    os.replace(temporary, destination)
-    return how
-
-
 def _collect_labels(work_dir: LabellingWorkDir, plan: dict) -> tuple[np.ndarray, np.ndarray, list[SkippedEpisode]]:
     """Every shard's rows, sorted by global `index`: (index (N,), codes (N, s)), and the skipped episodes."""
     indices, codes, skipped = [], [], []
@@ -478,38 +437,11 @@ def _collect_labels(work_dir: LabellingWorkDir, plan: dict) -> tuple[np.ndarray,
     return index, all_codes, sorted(skipped, key=lambda s: (s.episode_index is None, s.episode_index))
 
 
-def _data_files(meta) -> list[tuple[Path, Path]]:
-    """(source data file, its relative path in the output), each file once, in order. A v3.0 source keeps its
-    layout; a v2.x source's per-episode files get v3.0 names (`legacy_v3_locations`)."""
-    files = []
-    if meta.is_v3:
-        for episode in meta.episodes:
-            location = dict(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
-            relative = Path(meta.info["data_path"].format(**location))
-            if (meta.root / relative, relative) not in files:
-                files.append((meta.root / relative, relative))
-        return files
-    for episode_index, (chunk_index, file_index) in legacy_v3_locations(meta).items():
-        relative = Path(DATA_PATH.format(chunk_index=chunk_index, file_index=file_index))
-        files.append((meta.data_file_path(episode_index), relative))
-    return files
-
-
-def legacy_v3_locations(meta) -> dict[int, tuple[int, int]]:
-    """v2.x -> v3.0 without touching the frames: the n-th episode (in episode order) becomes data file and video
-    file (chunk n // chunks_size, file n % chunks_size), one episode per file, which v3.0 allows."""
-    chunks_size = int(meta.info.get("chunks_size", DEFAULT_CHUNKS_SIZE))
-    return {
-        int(episode["episode_index"]): (position // chunks_size, position % chunks_size)
-        for position, episode in enumerate(meta.episodes)
-    }
-
-
 def _rewrite_data_files(meta, output: Path, label_index, label_codes, skipped_episodes: set[int], code_seq_len):
     """Writes each source data file to the output with `latent_action` appended; returns the codes per episode."""
     used = np.zeros(len(label_index), dtype=bool)
     codes_by_episode: dict[int, list[np.ndarray]] = {}
-    for source_path, relative in _data_files(meta):
+    for source_path, relative in v3_data_files(meta):
         try:
             table = pq.read_table(source_path)
         except (pa.ArrowException, OSError) as error:
@@ -517,7 +449,7 @@ def _rewrite_data_files(meta, output: Path, label_index, label_codes, skipped_ep
                 f"{source_path}: the source data file is unreadable ({error}); its rows cannot be carried over to "
                 "the labelled dataset (repair or remove it from the source)"
             ) from error
-        table = _without_old_labels(table)
+        table = without_latent_actions(table)
         row_index = column_to_numpy(table.column("index")).astype(np.int64)
         row_episode = column_to_numpy(table.column("episode_index")).astype(np.int64)
         # label_index is sorted: each row's label is at its insertion point, if there is one
@@ -539,10 +471,10 @@ def _rewrite_data_files(meta, output: Path, label_index, label_codes, skipped_ep
         codes[found] = label_codes[matched]
         for episode in np.unique(row_episode[found]):
             codes_by_episode.setdefault(int(episode), []).append(codes[found & (row_episode == episode)])
-        schema = _data_schema_with_labels(table.schema, code_seq_len)
+        schema = data_schema_with_latent_actions(table.schema, code_seq_len)
         labels = pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), pa.int64()), code_seq_len)
         labelled = pa.Table.from_arrays([*table.columns, labels], schema=schema)
-        _write_parquet_atomically(labelled, output / relative)
+        write_parquet_atomically(labelled, output / relative)
     if not used.all():
         extra = label_index[~used][:10].tolist()
         raise LabellingError(f"labelled frames {extra} are in no source data file (was the source changed?)")
@@ -556,120 +488,33 @@ def _rewrite_episode_tables(source_root: Path, output: Path, codes_by_episode: d
         # a relabelled source: its old per-episode label stats go, the new ones are appended
         table = table.drop_columns([c for c in table.column_names if c.startswith(f"stats/{LATENT_ACTION_KEY}/")])
         episodes = table.column("episode_index").to_pylist()
-        for name, values in _latent_action_episode_stats(codes_by_episode, episodes).items():
-            kind = pa.list_(pa.int64()) if name.endswith("/count") else pa.list_(pa.float64())
-            table = table.append_column(name, pa.array(values, kind))
-        _write_parquet_atomically(table, output / source_path.relative_to(source_root))
+        for name, values in _latent_action_episode_columns(codes_by_episode, episodes).items():
+            table = table.append_column(name, values)
+        write_parquet_atomically(table, output / source_path.relative_to(source_root))
 
 
-def _latent_action_episode_stats(codes_by_episode: dict[int, np.ndarray], episodes: list[int]) -> dict[str, list]:
-    """Columns `stats/latent_action/<stat>` of meta/episodes for these episodes (None for a skipped episode)."""
+def _latent_action_episode_columns(codes_by_episode: dict[int, np.ndarray], episodes: list[int]) -> dict[str, pa.Array]:
+    """Columns `stats/latent_action/<stat>` of meta/episodes for these episodes (null for a skipped episode)."""
     per_episode = [
         compute_vector_stats(codes_by_episode[e].astype(np.float64)) if e in codes_by_episode else None
         for e in episodes
     ]
     stat_names = next((list(stats) for stats in per_episode if stats is not None), [])
-    return {
-        f"stats/{LATENT_ACTION_KEY}/{stat}": [None if stats is None else np.asarray(stats[stat]).tolist()
-                                              for stats in per_episode]
-        for stat in stat_names
-    }
-
-
-def _legacy_info_as_v3(info: dict) -> dict:
-    """A v2.x info.json rewritten for the v3.0 layout of `legacy_v3_locations` (features unchanged)."""
-    info = json.loads(json.dumps(info))
-    for key in ("total_chunks", "total_videos"):  # v2.x counters with no v3.0 meaning
-        info.pop(key, None)
-    has_videos = any(ft["dtype"] == "video" for ft in info["features"].values())
-    info.update(
-        codebase_version=CODEBASE_VERSION,
-        data_path=DATA_PATH,
-        video_path=VIDEO_PATH if has_videos else None,
-        data_files_size_in_mb=info.get("data_files_size_in_mb", DEFAULT_DATA_FILES_SIZE_IN_MB),
-        video_files_size_in_mb=info.get("video_files_size_in_mb", DEFAULT_VIDEO_FILES_SIZE_IN_MB),
-        chunks_size=int(info.get("chunks_size", DEFAULT_CHUNKS_SIZE)),
-    )
-    return info
-
-
-def _write_legacy_as_v3(meta, output: Path, codes_by_episode: dict[int, np.ndarray], *, copy_videos: bool):
-    """The v3.0 files of a v2.x source besides the data files: each episode's mp4 hard-linked (or copied) to its
-    v3.0 name, meta/episodes, meta/tasks.parquet; other top-level files copied. Returns link/copy counts."""
-    locations = legacy_v3_locations(meta)
-    counts = {"hardlink": 0, "copy": 0}
-    legacy_stats = {}
-    legacy_stats_path = meta.root / LEGACY_EPISODES_STATS_PATH
-    if legacy_stats_path.exists():
-        for line in legacy_stats_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                legacy_stats[int(row["episode_index"])] = row.get("stats", {})
-    rows = []
-    for episode in meta.episodes:
-        episode_index = int(episode["episode_index"])
-        chunk_index, file_index = locations[episode_index]
-        row = {key: value for key, value in episode.items() if key not in ("dataset_from_index", "dataset_to_index")}
-        row.update({
-            "data/chunk_index": chunk_index, "data/file_index": file_index,
-            "dataset_from_index": int(episode["dataset_from_index"]), "dataset_to_index": int(episode["dataset_to_index"]),
-        })
-        for key in meta.video_keys:
-            source_video, from_timestamp, to_timestamp = meta.video_segment(episode_index, key)
-            destination = VIDEO_PATH.format(video_key=key, chunk_index=chunk_index, file_index=file_index)
-            counts[_link_or_copy(source_video, output / destination, copy=copy_videos)] += 1
-            row.update({
-                f"videos/{key}/chunk_index": chunk_index, f"videos/{key}/file_index": file_index,
-                f"videos/{key}/from_timestamp": from_timestamp, f"videos/{key}/to_timestamp": to_timestamp,
-            })
-        for feature, per in legacy_stats.get(episode_index, {}).items():
-            for stat, value in per.items():
-                row[f"stats/{feature}/{stat}"] = value
-        row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
-        rows.append(row)
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(key for key in row if key not in columns)
-    table = pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
-    episodes = [int(e["episode_index"]) for e in meta.episodes]
-    for name, values in _latent_action_episode_stats(codes_by_episode, episodes).items():
-        kind = pa.list_(pa.int64()) if name.endswith("/count") else pa.list_(pa.float64())
-        table = table.append_column(name, pa.array(values, kind))
-    _write_parquet_atomically(table, output / EPISODES_PATH.format(chunk_index=0, file_index=0))
-
-    tasks = pd.DataFrame({"task_index": np.arange(len(meta.tasks), dtype=np.int64)},
-                         index=pd.Index(meta.tasks, name="task"))
-    temporary = output / f"{TASKS_PATH}.tmp-{os.getpid()}"
-    tasks.to_parquet(temporary)
-    _fsync_and_replace(temporary, output / TASKS_PATH)
-    skip = {WORK_DIR_NAME, ".cache", ".git", "data", "videos", "meta"}
-    for how, count in _copy_tree_except(meta.root, output, skip, copy_videos=True).items():
-        counts[how] += count
-    return counts
-
-
-def _copy_tree_except(source_root: Path, output: Path, skip: set[str], *, copy_videos: bool) -> dict[str, int]:
-    """Links (videos) or copies every file of the source except the relative paths/prefixes in `skip`."""
-    counts = {"hardlink": 0, "copy": 0}
-    for directory, subdirectories, files in os.walk(source_root, followlinks=True):
-        relative_dir = Path(directory).relative_to(source_root)
-        subdirectories[:] = [d for d in subdirectories if str(relative_dir / d) not in skip]
-        for name in files:
-            relative = relative_dir / name
-            if str(relative) in skip:
-                continue
-            is_video = relative.parts[:1] == ("videos",)
-            how = _link_or_copy(Path(directory) / name, output / relative, copy=copy_videos or not is_video)
-            counts[how] += 1
-    return counts
+    columns = {}
+    for stat in stat_names:
+        values = [None if stats is None else np.asarray(stats[stat]).tolist() for stats in per_episode]
+        kind = pa.list_(pa.int64()) if stat == "count" else pa.list_(pa.float64())
+        columns[f"stats/{LATENT_ACTION_KEY}/{stat}"] = pa.array(values, kind)
+    return columns
 
 
 def merge_labelled_dataset(
-    meta, output: str | Path, work_dir: LabellingWorkDir, plan: dict, record: dict, *, copy_videos: bool = False,
-    keep_work_dir: bool = False,
+    meta, output: str | Path, work_dir: LabellingWorkDir, plan: dict, record: dict, layout: LatentLabelLayout, *,
+    copy_videos: bool = False, keep_work_dir: bool = False,
 ) -> dict:
     """Builds the labelled LeRobot v3.0 dataset in `output` from the source (`meta`: its
-    `LeRobotDatasetMetadata`) and the shard files of `work_dir`. Returns the labelling record of `info.json`.
+    `LeRobotDatasetMetadata`) and the shard files of `work_dir`. Returns the labelling record of `info.json`:
+    `record` (the run's description), the label counts and skipped episodes, and `layout` written in.
 
     Every step overwrites what a killed earlier merge may have left; `info.json` is written last and the work dir
     removed after it (unless `keep_work_dir`).
@@ -681,23 +526,27 @@ def merge_labelled_dataset(
         raise LabellingError(f"{work_dir.path}: shards {missing[:10]} are not labelled yet; cannot merge")
     label_index, label_codes, skipped = _collect_labels(work_dir, plan)
     skipped_episodes = {s.episode_index for s in skipped if s.episode_index is not None}
-    _remove_temporary_files(output)  # what a merge killed before this one left behind
+    remove_temporary_files(output, skip_dirs=(WORK_DIR_NAME,))  # what a merge killed before this one left behind
 
     codes_by_episode = _rewrite_data_files(meta, output, label_index, label_codes, skipped_episodes, code_seq_len)
     if meta.is_v3:
         _rewrite_episode_tables(meta.root, output, codes_by_episode)
         skip = {WORK_DIR_NAME, ".cache", ".git", "data", EPISODES_DIR, INFO_PATH, STATS_PATH}
-        counts = _copy_tree_except(meta.root, output, skip, copy_videos=copy_videos)
+        counts = copy_tree_except(meta.root, output, skip, copy_videos=copy_videos)
         stats_path = meta.root / STATS_PATH
         stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
         info = json.loads((meta.root / INFO_PATH).read_text())
     else:
-        counts = _write_legacy_as_v3(meta, output, codes_by_episode, copy_videos=copy_videos)
+        episodes = [int(e["episode_index"]) for e in meta.episodes]
+        counts = write_legacy_as_v3(
+            meta, output, episode_columns=_latent_action_episode_columns(codes_by_episode, episodes),
+            copy_videos=copy_videos, skip={WORK_DIR_NAME, ".cache", ".git"},
+        )
         stats = stats_to_json(meta.stats) if meta.stats else {}
-        info = _legacy_info_as_v3(meta.info)
+        info = legacy_info_as_v3(meta.info)
     if len(label_codes):
         stats[LATENT_ACTION_KEY] = stats_to_json({"x": compute_vector_stats(label_codes.astype(np.float64))})["x"]
-    _atomic_write_bytes(output / STATS_PATH, json.dumps(stats, indent=4).encode())
+    write_bytes_atomically(output / STATS_PATH, json.dumps(stats, indent=4).encode())
 
     info["features"].pop(LATENT_ACTION_KEY, None)  # a relabelled source: the new feature goes last, like its column
     info["features"][LATENT_ACTION_KEY] = latent_action_feature(code_seq_len)
@@ -710,7 +559,9 @@ def merge_labelled_dataset(
         unlabelled_code=UNLABELLED_CODE,
     )
     info[LABELLING_INFO_KEY] = full_record
-    _atomic_write_bytes(output / INFO_PATH, json.dumps(info, indent=4).encode())
+    layout.write(info)  # the part of the record the next stages read (LatentLabelLayout.read)
+    full_record = info[LABELLING_INFO_KEY]
+    write_bytes_atomically(output / INFO_PATH, json.dumps(info, indent=4).encode())
     logger.info(
         "merged %d labelled frames into %s (%d files hard-linked, %d copied; %d episodes skipped)",
         len(label_index), output, counts["hardlink"], counts["copy"], len(skipped),
