@@ -37,10 +37,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script (`accelerate launch training/label_latents.py`): make the project importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm

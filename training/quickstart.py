@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from training import train_quantizer, vla_training
+from training.envs.metaworld_data import GenerationConfig, generate_dataset
+from training.envs.metaworld_tasks import resolve_task_names
+from training.label_latents import LabellingConfig, label_latents
 
 
 def _stage(title: str) -> None:
@@ -51,56 +56,45 @@ def main(argv: list[str] | None = None) -> int:
     if (data_dir / "meta" / "info.json").is_file():
         print(f"{data_dir} exists: using it")
     else:
-        from training.envs import metaworld_data
-
-        data_args = ["--tasks", args.tasks, "--episodes-per-task", str(args.episodes_per_task),
-                     "--image-size", str(args.image_size), "--output", str(data_dir), "--overwrite"]
-        if args.num_workers:
-            data_args += ["--num-workers", str(args.num_workers)]
-        metaworld_data.main(data_args)  # raises (with a message) on failure
+        config = GenerationConfig(tasks=tuple(resolve_task_names(args.tasks)), episodes_per_task=args.episodes_per_task,
+                                  image_size=args.image_size, num_workers=args.num_workers or os.cpu_count() or 1)
+        print(generate_dataset(config, data_dir, overwrite=True).table())
 
     _stage("2/5 latent action quantizer (tiny preset)")
     model_dir = run_dir / "model"
     if (model_dir / "model.safetensors").is_file():
         print(f"{model_dir} exists: using it")
     else:
-        from training.train_quantizer import resolve_config, train
-
-        settings = ["--preset", "tiny", "--dataset", str(data_dir), "--output-dir", str(run_dir),
-                    "--max-steps", str(args.max_steps), "--eval-every", str(max(args.max_steps // 3, 1))]
-        if (run_dir / "checkpoints").is_dir():
-            settings.append("--resume")
-        train(resolve_config(settings))
+        train_quantizer.train(train_quantizer.config_from_preset(
+            "tiny", dataset=[str(data_dir)], output_dir=str(run_dir), max_steps=args.max_steps,
+            eval_every=max(args.max_steps // 3, 1), resume=(run_dir / "checkpoints").is_dir()))
 
     _stage("3/5 label every frame with its latent action")
     if (labelled_dir / "meta" / "info.json").is_file() and not (labelled_dir / ".labelling").exists():
         print(f"{labelled_dir} exists: using it")
     else:
-        from training import label_latents
-
-        code = label_latents.main(["--dataset", str(data_dir), "--quantizer", str(model_dir), "--output", str(labelled_dir)])
-        if code:
-            return code
+        label_latents(LabellingConfig(dataset=str(data_dir), quantizer=str(model_dir), output=str(labelled_dir)))
 
     pretrain_dir, finetune_dir = root / "lapa", root / "lapa_finetuned"
     _stage("4/5 latent pretraining of a tiny VLA (training/pretrain.py)")
-    _run_vla_stage("pretrain", pretrain_dir, [
-        "--preset", "tiny", "--dataset", str(labelled_dir), "--max-steps", str(args.vla_steps),
-        "--eval-every", str(max(args.vla_steps // 2, 1)), "--save-every", str(max(args.vla_steps // 4, 1))])
+    _run_vla_stage("pretrain", pretrain_dir, dataset=[str(labelled_dir)], max_steps=args.vla_steps,
+                   eval_every=max(args.vla_steps // 2, 1), save_every=max(args.vla_steps // 4, 1))
 
     _stage("5/5 action finetuning on a few labelled episodes per task (training/finetune.py)")
     steps = max(args.vla_steps // 2, 1)
-    _run_vla_stage("finetune", finetune_dir, [
-        "--preset", "tiny", "--dataset", str(data_dir), "--init-from", str(pretrain_dir / "model"),
-        "--train-episodes-per-task", str(args.finetune_episodes), "--gripper-dims", "[3]", "--max-steps", str(steps),
-        "--eval-every", str(max(steps // 2, 1)), "--save-every", str(max(steps // 4, 1))])
+    _run_vla_stage("finetune", finetune_dir, dataset=[str(data_dir)], init_from=str(pretrain_dir / "model"),
+                   train_episodes_per_task=args.finetune_episodes, gripper_dims=[3], max_steps=steps,
+                   eval_every=max(steps // 2, 1), save_every=max(steps // 4, 1))
+    _print_summary(run_dir, model_dir, labelled_dir, pretrain_dir, finetune_dir)
+    return 0
 
+
+def _print_summary(run_dir: Path, model_dir: Path, labelled_dir: Path, pretrain_dir: Path, finetune_dir: Path) -> None:
     final = run_dir / "eval" / "final_metrics.json"
     if final.is_file():
         metrics = json.loads(final.read_text())
-        summary = metrics.get("summary", {})
         _stage("held-out evaluation of the quantizer")
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(metrics.get("summary", {}), indent=2))
         for name, path in sorted((metrics.get("plots") or {}).items()):
             print(f"  plot {name}: {path}")
     for title, folder in (("latent pretraining", pretrain_dir), ("action finetuning", finetune_dir)):
@@ -111,19 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in final_metrics.items() if k != "token_accuracy_per_position"}, indent=2))
     print(f"\nlabelled dataset: {labelled_dir}\nquantizer: {model_dir}\nlatent-pretrained VLA: {pretrain_dir / 'model'}"
           f"\nfinetuned VLA: {finetune_dir / 'model'}")
-    return 0
 
 
-def _run_vla_stage(stage: str, run_dir: Path, settings: list[str]) -> None:
+def _run_vla_stage(stage: str, run_dir: Path, **settings) -> None:
     if (run_dir / "model" / "model.safetensors").is_file():
         print(f"{run_dir / 'model'} exists: using it")
         return
-    from training.vla_training import resolve_config, train
-
-    settings = settings + ["--output-dir", str(run_dir)]
-    if (run_dir / "checkpoints").is_dir():
-        settings.append("--resume")
-    train(resolve_config(stage, settings))
+    vla_training.train(vla_training.config_from_preset(stage, "tiny", output_dir=str(run_dir),
+                                                       resume=(run_dir / "checkpoints").is_dir(), **settings))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,21 @@ def trackers(report_to: str):
     return report_to
 
 
+def _optional_string(text: str) -> str | None:
+    return None if text.strip().lower() in ("none", "null", "~") else text
+
+
+def value_parser(f: dataclasses.Field):
+    """How a flag's text becomes the field's value: text fields keep their text (`--revision 007` stays "007";
+    `none` is None where the field may be None), every other field is parsed like a YAML setting (`parse_value`)."""
+    kind = str(f.type).replace(" ", "")
+    if kind == "str":
+        return str
+    if kind in ("str|None", "None|str", "Optional[str]"):
+        return _optional_string
+    return parse_value
+
+
 def is_boolean_field(f: dataclasses.Field) -> bool:
     """A field set on or off: a bool default, or `bool | None` (None = not decided, e.g. "resume if possible")."""
     return isinstance(f.default, bool) or str(f.type).replace(" ", "") in ("bool|None", "None|bool", "Optional[bool]")
@@ -144,7 +159,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class, repeatab
             target.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=given_help or f"(default from the preset; else {f.default})")
         else:
-            target.add_argument(flag, default=None, type=parse_value, metavar=f.name.upper(),
+            target.add_argument(flag, default=None, type=value_parser(f), metavar=f.name.upper(),
                                 help=given_help or "(default from the preset)")
 
 
