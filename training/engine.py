@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.eval.metrics import scalar_metrics
 from training.settings import trackers
 
 logger = logging.getLogger("training.engine")
@@ -212,8 +213,6 @@ class TrainingEngine:
             tqdm.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in entry.items()}))
 
     def _evaluate(self, stage: TrainingStage, result: FitResult) -> None:
-        from training.eval.metrics import scalar_metrics
-
         metrics = stage.evaluate(result.step)
         if metrics is not None:
             result.last_eval = metrics

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config
 from modeling_lapa.transformers_compat import enable_activation_checkpointing
 from training.data import (
-    EpochSampler, LABELLING_INFO_KEY, LatentLabelLayout, VLAFrameDataset, load_lerobot_dataset,
+    EpochSampler, LABELLING_INFO_KEY, collate_vla_frames, LatentLabelLayout, VLAFrameDataset, load_lerobot_dataset,
     make_streaming_vla_frames, split_episodes,
 )
 from training.engine import TrainingEngine, TrainingStage
@@ -267,8 +267,6 @@ class VLACollator:
         self.processor, self.target, self.dataset = processor, target, dataset
 
     def __call__(self, items: list[dict]) -> dict:
-        from training.data import collate_vla_frames
-
         batch = collate_vla_frames(items)
         images = np.asarray(batch["image"])  # (B, H, W, 3) uint8, channels-last as numpy
         if self.target == "latent":

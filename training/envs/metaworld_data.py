@@ -46,6 +46,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from training.data import LeRobotDatasetWriter, load_lerobot_dataset
+
 from .metaworld_tasks import CAMERA_NAMES, MT50_TASKS, resolve_task_names, task_instruction
 
 #: Default frame rate declared by the dataset (see the module docstring).
@@ -463,7 +465,6 @@ def generate_dataset(
     """
     from tqdm import tqdm
 
-    from training.data import LeRobotDatasetWriter
 
     from .metaworld_env import ACTION_NAMES, STATE_NAMES
 
@@ -546,7 +547,6 @@ def write_sample_grid(
     """
     from PIL import Image, ImageDraw
 
-    from training.data import load_lerobot_dataset
 
     dataset = load_lerobot_dataset(dataset_root)
     if episodes is None:
