@@ -23,6 +23,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from .episode_stream import stream_episodes
 from .errors import DataLayerError, EmptyEpisodeError, SkippedEpisode, log_skip_summary, skipped_from_error
 
 
@@ -161,6 +162,45 @@ class EpisodeFrameDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_episode_cache"] = OrderedDict()  # decoded frames are a per-process cache
         return state
+
+    # -- streaming: the one factory of every episode-frame dataset (`make_streaming_frame_pairs`,
+    # `make_streaming_vla_frames` are it under their documented names)
+    _stream_count_method = "num_items"  # the method giving an episode's number of items
+    _stream_iter_kwargs: dict = {}  # keywords of `iter_episode` for streamed items
+    _stream_what = "items"
+
+    def _no_episode_to_stream(self) -> str:
+        return f"no episode to stream (skipped: {len(self.skipped)})"
+
+    def _finish_stream(self, dataset):
+        """Per-item conversions applied after the shuffle buffer (e.g. uint8 -> float pixels)."""
+        return dataset
+
+    def streaming(self, *, seed: int = 0, shuffle: bool = True, shuffle_buffer_size: int | None = None,
+                  interleave_episodes: int = 8, rank: int | None = None, world_size: int | None = None):
+        """These items as a `datasets.IterableDataset`, one shard per episode.
+
+        Each episode is decoded once, sequentially, by the process that owns its shard. Sharding does the rest:
+        `split_dataset_by_node` gives each rank its episodes (or, when the number of episodes is not divisible by
+        `world_size`, every rank reads all and keeps every world_size-th item), and a DataLoader gives each worker
+        a share of its rank's episodes, so no item is read twice. `world_size=None` does not split (a caller that
+        interleaves several streams splits the mix instead).
+
+        Shuffling (`shuffle=True`), all of it reproducible from `seed` and resumable exactly from `state_dict()`:
+        the episode order is shuffled (reshuffled by `set_epoch`), the items of an episode come in a permutation
+        fixed by (seed, episode), and `interleave_episodes` episodes are read round-robin at a time (datasets'
+        `max_buffer_input_shards`), which mixes episodes without holding pixels in a buffer. `shuffle_buffer_size`
+        adds datasets' shuffle buffer of that many items on top; datasets does not save the buffer in
+        `state_dict()`, so after a resume the items that were in the buffer are not seen again in that epoch
+        (none is seen twice)."""
+        if not self.episode_indices:
+            raise ValueError(self._no_episode_to_stream())
+        dataset = stream_episodes(
+            self, count_method=self._stream_count_method, iter_kwargs=self._stream_iter_kwargs, what=self._stream_what,
+            shuffle=shuffle, seed=seed, shuffle_buffer_size=shuffle_buffer_size,
+            interleave_episodes=interleave_episodes, rank=rank, world_size=world_size,
+        )
+        return self._finish_stream(dataset)
 
     def _repr_fields(self) -> list[str]:
         """The subclass's settings shown by `repr`, as "name=value" strings."""

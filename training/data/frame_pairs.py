@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from .episode_frames import EpisodeFrameDataset
-from .episode_stream import stream_episodes
 from .errors import GapLongerThanEpisodeError
 
 
@@ -154,6 +153,16 @@ class FramePairDataset(EpisodeFrameDataset):
         for t in range(count) if order is None else order:
             yield self.make_item(episode_index, int(t), frames[[t, self._target(episode_index, int(t))]], as_float=as_float)
 
+    _stream_count_method = "num_pairs"
+    _stream_iter_kwargs = {"as_float": False}
+    _stream_what = "frame pairs"
+
+    def _finish_stream(self, dataset):
+        if self.output == "float":
+            # Converted after the shuffle buffer, which then holds uint8 pixels (4x less memory).
+            dataset = dataset.map(_pixels_to_float)
+        return dataset
+
     def _repr_fields(self) -> list[str]:
         return [
             f"camera={self.camera_key!r}", f"gap_seconds={self.gap_seconds}", f"image_size={self.image_size}",
@@ -167,48 +176,13 @@ def _pixels_to_float(item: dict) -> dict:
     return item
 
 
-def make_streaming_frame_pairs(
-    pairs: FramePairDataset,
-    *,
-    seed: int = 0,
-    shuffle: bool = True,
-    shuffle_buffer_size: int | None = None,
-    interleave_episodes: int = 8,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> datasets.IterableDataset:
-    """The pairs of a `FramePairDataset` as a `datasets.IterableDataset`, one shard per episode.
-
-    Each episode is decoded once, sequentially, by the process that owns its shard. Sharding does the rest:
-    `split_dataset_by_node` gives each rank its episodes (or, when the number of episodes is not divisible by
-    `world_size`, every rank reads all and keeps every world_size-th pair), and a DataLoader gives each worker
-    a share of its rank's episodes, so no pair is read twice. `world_size=None` does not split (a caller that
-    interleaves several streams splits the mix instead).
-
-    Shuffling (`shuffle=True`), all of it reproducible from `seed` and resumable exactly from
-    `state_dict()`: the episode order is shuffled (reshuffled by `set_epoch`), pairs within an episode come
-    in a seeded permutation, and `interleave_episodes` episodes are read round-robin at a time (datasets'
-    `max_buffer_input_shards`), which mixes episodes without holding pixels in a buffer.
-    `shuffle_buffer_size` adds datasets' shuffle buffer of that many pairs on top; datasets does not save
-    the buffer in `state_dict()`, so after a resume the pairs that were in the buffer are not seen again in
-    that epoch (none is seen twice).
-
-    Items are those of `FramePairDataset` (tensors), with its settings (gap, size, output, episodes).
-    `make_streaming_vla_frames` takes the same keywords.
-    """
+def make_streaming_frame_pairs(pairs: FramePairDataset, **options) -> datasets.IterableDataset:
+    """The pairs of a `FramePairDataset` as a `datasets.IterableDataset` (items as the dataset's, tensors):
+    `pairs.streaming(**options)`, whose keywords (seed, shuffle, shuffle_buffer_size, interleave_episodes, rank,
+    world_size) and behaviour `EpisodeFrameDataset.streaming` documents."""
     if not isinstance(pairs, FramePairDataset):
         raise TypeError(
             f"make_streaming_frame_pairs takes a FramePairDataset, got {type(pairs).__name__}: build one first, "
             "e.g. FramePairDataset(source, gap_seconds=0.6, image_size=128)"
         )
-    if not pairs.episode_indices:
-        raise ValueError(f"no episode to stream (skipped: {len(pairs.skipped)})")
-    dataset = stream_episodes(
-        pairs, count_method="num_pairs", iter_kwargs={"as_float": False}, what="frame pairs", shuffle=shuffle,
-        seed=seed, shuffle_buffer_size=shuffle_buffer_size, interleave_episodes=interleave_episodes, rank=rank,
-        world_size=world_size,
-    )
-    if pairs.output == "float":
-        # Converted after the shuffle buffer, which then holds uint8 pixels (4x less memory).
-        dataset = dataset.map(_pixels_to_float)
-    return dataset
+    return pairs.streaming(**options)

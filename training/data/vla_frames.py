@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from .episode_frames import EpisodeFrameDataset
-from .episode_stream import stream_episodes
 from .latent_actions import LABELLING_INFO_KEY, LATENT_ACTION_KEY, UNLABELLED_CODE
 
 logger = logging.getLogger(__name__)
@@ -244,6 +243,14 @@ class VLAFrameDataset(EpisodeFrameDataset):
             t = int(served[position])
             yield self.make_item(episode_index, t, frames[t], targets, as_numpy=as_numpy)
 
+    _stream_count_method = "num_frames"
+    _stream_iter_kwargs = {"as_numpy": True}
+    _stream_what = "VLA frames"
+
+    def _no_episode_to_stream(self) -> str:
+        return (f"no episode to stream (unlabelled: {len(self.unlabelled_episodes)}, skipped: "
+                f"{len(self.skipped)})")
+
     def _repr_fields(self) -> list[str]:
         return [
             f"target={self.target!r}", f"camera={self.camera_key!r}", f"image_size={self.image_size}",
@@ -252,50 +259,17 @@ class VLAFrameDataset(EpisodeFrameDataset):
 
 
 # -- streaming ---------------------------------------------------------------------------------------------
-def make_streaming_vla_frames(
-    frames: VLAFrameDataset,
-    *,
-    seed: int = 0,
-    shuffle: bool = True,
-    shuffle_buffer_size: int | None = None,
-    interleave_episodes: int = 8,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> datasets.IterableDataset:
-    """The frames of a `VLAFrameDataset` as a `datasets.IterableDataset`, one shard per episode.
-
-    Items are those of `VLAFrameDataset` with numpy arrays instead of tensors: `image` (H, W, 3) uint8,
-    `latent_codes` (s,) int64 or `action` (D,) float32, `instruction`, `episode_index`, `frame_index`.
-
-    Each episode is decoded once, sequentially, by the process that owns its shard. `split_dataset_by_node`
-    gives each rank its episodes (or, when the number of episodes is not divisible by `world_size`, every
-    rank reads all and keeps every world_size-th frame), and a DataLoader gives each worker a share of its
-    rank's episodes, so no frame is served twice. `world_size=None` does not split.
-
-    Shuffling (`shuffle=True`), reproducible from `seed` and resumable exactly from `state_dict()`: the
-    episode order is shuffled (reshuffled by `set_epoch`), the frames of an episode come in a permutation
-    fixed by (seed, episode), and `interleave_episodes` episodes are read round-robin at a time (datasets'
-    `max_buffer_input_shards`), so consecutive items come from different episodes without holding pixels in
-    a buffer. `shuffle_buffer_size` adds datasets' shuffle buffer of that many frames on top; datasets does
-    not save the buffer in `state_dict()`, so after a resume the frames that were in it are not seen again in
-    that epoch (none is seen twice).
-
-    The keywords are those of `make_streaming_frame_pairs`.
-    """
+def make_streaming_vla_frames(frames: VLAFrameDataset, **options) -> datasets.IterableDataset:
+    """The frames of a `VLAFrameDataset` as a `datasets.IterableDataset`: `frames.streaming(**options)` (keywords
+    and behaviour in `EpisodeFrameDataset.streaming`). Items are those of `VLAFrameDataset` with numpy arrays
+    instead of tensors: `image` (H, W, 3) uint8, `latent_codes` (s,) int64 or `action` (D,) float32,
+    `instruction`, `episode_index`, `frame_index`."""
     if not isinstance(frames, VLAFrameDataset):
         raise TypeError(
             f"make_streaming_vla_frames takes a VLAFrameDataset, got {type(frames).__name__}: build one first, "
             "e.g. VLAFrameDataset(source, target='latent', image_size=224)"
         )
-    if not frames.episode_indices:
-        raise ValueError(
-            f"no episode to stream (unlabelled: {len(frames.unlabelled_episodes)}, skipped: {len(frames.skipped)})"
-        )
-    return stream_episodes(
-        frames, count_method="num_frames", iter_kwargs={"as_numpy": True}, what="VLA frames", shuffle=shuffle,
-        seed=seed, shuffle_buffer_size=shuffle_buffer_size, interleave_episodes=interleave_episodes, rank=rank,
-        world_size=world_size,
-    )
+    return frames.streaming(**options)
 
 
 # -- batching ----------------------------------------------------------------------------------------------
