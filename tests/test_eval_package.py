@@ -10,8 +10,6 @@ from conftest import REPO_ROOT
 from training.eval import scalar_metrics, wilson_interval
 from training.eval.vla import majority_accuracy, majority_tokens
 
-EVAL_PACKAGE = REPO_ROOT / "training" / "eval"
-SCRIPT_MODULES = ("train_quantizer", "label_latents", "pretrain", "finetune", "quickstart")
 
 
 # ------------------------------------------------------------------------------------------ scalar_metrics
