@@ -15,6 +15,7 @@ The action tokenizer (per-dataset bin statistics) is saved next to the processor
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import numpy as np
@@ -114,47 +115,34 @@ class LAPAProcessor(ProcessorMixin):
     # Construction
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_components(
-        cls,
-        tokenizer,
-        image_processor,
-        num_latent_codes: int = 8,
-        latent_sequence_length: int = 4,
-        num_action_bins: int = 256,
-        num_image_tokens: int = 256,
-        image_token: str = "<image>",
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-        add_bos: bool = True,
-        action_tokenizer: ActionTokenizer | None = None,
-    ) -> LAPAProcessor:
+    def from_components(cls, tokenizer, image_processor, action_tokenizer: ActionTokenizer | None = None,
+                        **settings) -> LAPAProcessor:
         r"""Make a processor from a backbone tokenizer, adding the LAPA tokens to it (in place) if missing.
 
+        `settings` are the keyword arguments of the constructor (`num_latent_codes`, `latent_sequence_length`,
+        `num_action_bins`, `num_image_tokens`, `image_token`, `prompt_template`, `add_bos`), with its defaults.
         Missing tokens are added as special tokens (never split, skipped by `decode(..., skip_special_tokens=True)`)
         in this order: the image token, `<latent_0>` ... `<latent_{C-1}>`, `<action_0>` ... `<action_{N-1}>`. New
         tokens get fresh ids after the existing vocabulary, so no existing id changes meaning; the model's embedding
         matrix must then be resized to `processor.vocab_size`.
         """
+        parameters = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(settings) - (set(parameters) - {"self", "image_processor", "tokenizer"}))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_components got unknown setting(s) {unknown}")
+        layout = {name: settings.get(name, parameters[name].default)
+                  for name in ("image_token", "num_latent_codes", "num_action_bins")}
         vocab = tokenizer.get_vocab()
-        if image_token not in vocab:
-            tokenizer.add_tokens([_special(image_token)], special_tokens=True)
-        new_tokens = [latent_token(k) for k in range(num_latent_codes)]
-        new_tokens += [action_token(k) for k in range(num_action_bins)]
+        if layout["image_token"] not in vocab:
+            tokenizer.add_tokens([_special(layout["image_token"])], special_tokens=True)
+        new_tokens = [latent_token(k) for k in range(layout["num_latent_codes"])]
+        new_tokens += [action_token(k) for k in range(layout["num_action_bins"])]
         missing = [token for token in new_tokens if token not in vocab]
         if missing:
             tokenizer.add_tokens([_special(token) for token in missing], special_tokens=True)
         # The processor pads on the left itself; keep the tokenizer's own padding consistent with it.
         tokenizer.padding_side = "left"
-        processor = cls(
-            image_processor,
-            tokenizer,
-            num_latent_codes=num_latent_codes,
-            latent_sequence_length=latent_sequence_length,
-            num_action_bins=num_action_bins,
-            num_image_tokens=num_image_tokens,
-            image_token=image_token,
-            prompt_template=prompt_template,
-            add_bos=add_bos,
-        )
+        processor = cls(image_processor, tokenizer, **settings)
         if action_tokenizer is not None:
             processor.set_action_tokenizer(action_tokenizer)
         return processor

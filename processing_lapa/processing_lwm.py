@@ -54,10 +54,7 @@ class LWMProcessor(LAPAProcessor):
         self,
         image_processor,
         tokenizer,
-        num_latent_codes: int = 8,
-        latent_sequence_length: int = 4,
-        num_action_bins: int = 0,
-        num_image_tokens: int = 256,
+        # the LWM layout first: the combined vocabulary and the authors' prompt
         text_vocab_size: int = 32000,
         vision_vocab_size: int = 8448,
         end_of_vision_code: int = 8193,
@@ -65,6 +62,11 @@ class LWMProcessor(LAPAProcessor):
         num_bos: int = 2,
         latent_prompt_suffix: str = LWM_LATENT_SUFFIX,
         action_prompt_suffix: str = LWM_ACTION_SUFFIX,
+        # then LAPA's blocks (spelled out, not **kwargs: ProcessorMixin saves exactly the constructor's parameters)
+        num_latent_codes: int = 8,
+        latent_sequence_length: int = 4,
+        num_action_bins: int = 0,
+        num_image_tokens: int = 256,
         chat_template: str | None = None,
     ):
         if num_action_bins == 1:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 from training.eval import scalar_metrics, wilson_interval
 from training.eval.vla import majority_accuracy, majority_tokens
 

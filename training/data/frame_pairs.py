@@ -77,15 +77,11 @@ class FramePairDataset(EpisodeFrameDataset):
             raise ValueError(f"frame_access must be 'episode' or 'seek', got {frame_access!r}")
         if not gap_seconds > 0:
             raise ValueError(f"gap_seconds must be positive, got {gap_seconds}")
-        super().__init__(
-            source, camera_key=camera_key, image_size=image_size, skip_corrupt=skip_corrupt,
-            episode_cache_size=episode_cache_size,
-        )
-        self.gap_seconds = gap_seconds
-        self.output = output
-        self.drop_crossing = drop_crossing
-        self.frame_access = frame_access
+        self.gap_seconds, self.output, self.drop_crossing, self.frame_access = (
+            gap_seconds, output, drop_crossing, frame_access)
         self._gaps: dict[int, int] = {}  # episode -> gap in frames at its fps
+        super().__init__(source, camera_key=camera_key, image_size=image_size, skip_corrupt=skip_corrupt,
+                         episode_cache_size=episode_cache_size)
         self._index_episodes(self._select_episodes(episodes), what=f"frame pairs (gap {gap_seconds}s)")
 
     def _episode_error(self, episode_index: int, length: int) -> GapLongerThanEpisodeError | None:
