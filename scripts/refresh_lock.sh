@@ -21,15 +21,21 @@ trap cleanup EXIT
 python -m venv "$venv"
 py="$venv/bin/python"
 pip_q=("$py" -m pip install --quiet --disable-pip-version-check)
-"${pip_q[@]}" "torch==2.13.0"          # the CPU build on disk; nothing below may replace it
+torch_pin="torch==2.13.0"             # the CPU build on disk; nothing below may replace it
+"${pip_q[@]}" "$torch_pin"
+# `--upgrade --upgrade-strategy eager` would otherwise move torch too (to the newest release pip may take: a CUDA
+# build of several GB here), so torch is held by a constraint in both modes.
+echo "$torch_pin" > "$venv/torch-constraint.txt"
 if [ "$mode" = oldest ]; then
   constraints="$venv/oldest-constraints.txt"
   "$py" scripts/lower_bounds.py --extras "$extras" > "$constraints"
   echo "refresh_lock: lower bounds:"; sed 's/^/  /' "$constraints"
-  "${pip_q[@]}" -c "$constraints" -e ".[${extras}]"
+  "${pip_q[@]}" -c "$constraints" -c "$venv/torch-constraint.txt" -e ".[${extras}]"
 else
-  "${pip_q[@]}" --upgrade --upgrade-strategy eager -e ".[${extras}]"
+  "${pip_q[@]}" -c "$venv/torch-constraint.txt" --upgrade --upgrade-strategy eager -e ".[${extras}]"
 fi
+"$py" -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '${torch_pin#torch==}' else
+  f'refresh_lock: torch {torch.__version__} was installed instead of ${torch_pin#torch==}')"
 
 echo "refresh_lock: installed ($mode):"
 "$py" -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|accelerate|datasets|huggingface.hub|peft|safetensors|metaworld|mujoco|gymnasium|numpy|av|pyarrow)==' | sed 's/^/  /'

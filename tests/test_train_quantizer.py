@@ -111,7 +111,9 @@ def _env():
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path, dataset):
-    config = run_config(tmp_path, dataset)
+    # Long enough that the run is still going when its first checkpoint shows up, and every checkpoint kept, so that a
+    # busy machine (the poll below descheduled for a while) cannot miss step 4 or find the run already finished.
+    config = run_config(tmp_path, dataset, max_steps=40, keep_checkpoints=20)
     env = _env()
     straight = _train(["--config", str(config), "--output-dir", str(tmp_path / "straight")], env)
     out, _ = straight.communicate(timeout=600)
@@ -141,8 +143,8 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path, dataset):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    state = json.loads((tmp_path / "killed" / "checkpoints" / "step-0000012" / "trainer_state.json").read_text())
-    assert state["step"] == 12
+    state = json.loads((tmp_path / "killed" / "checkpoints" / "step-0000040" / "trainer_state.json").read_text())
+    assert state["step"] == 40
 
 
 def test_two_process_training_keeps_identical_codebooks(tmp_path, dataset):
