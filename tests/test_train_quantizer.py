@@ -1,6 +1,7 @@
 """training/train_quantizer.py: settings resolution, exact resume after a kill, 2-process training in sync."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,40 +111,51 @@ def _env():
     return subprocess_env()
 
 
+def _same_weights(a_dir, b_dir):
+    a = load_file(str(a_dir / "model.safetensors"))
+    b = load_file(str(b_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path, dataset):
-    # Long enough that the run is still going when its first checkpoint shows up, and every checkpoint kept, so that a
-    # busy machine (the poll below descheduled for a while) cannot miss step 4 or find the run already finished.
+    # 40 steps over epochs of 12 batches (4 training episodes of the moving squares), every checkpoint kept. The run is
+    # killed once its step-16 checkpoint exists, then resumed from step 16 (in the middle of the second epoch) and,
+    # once more, from step 12 (the end of the first epoch): both must end bitwise where the uninterrupted run ends.
     config = run_config(tmp_path, dataset, max_steps=40, keep_checkpoints=20)
     env = _env()
     straight = _train(["--config", str(config), "--output-dir", str(tmp_path / "straight")], env)
     out, _ = straight.communicate(timeout=600)
     assert straight.returncode == 0, out[-3000:]
+    assert json.loads((tmp_path / "straight" / "checkpoints" / "step-0000016" / "trainer_state.json").read_text())[
+        "epoch"] == 1  # the premise: step 16 lies in the second epoch
 
-    killed = _train(["--config", str(config), "--output-dir", str(tmp_path / "killed")], env)
-    first_checkpoint = tmp_path / "killed" / "checkpoints" / "step-0000004" / "trainer_state.json"
+    run_dir = tmp_path / "killed"
+    killed = _train(["--config", str(config), "--output-dir", str(run_dir)], env)
+    checkpoint = run_dir / "checkpoints" / "step-0000016" / "trainer_state.json"
     deadline = time.time() + 300
-    while not first_checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert first_checkpoint.exists(), "the run never wrote its first checkpoint"
+    assert checkpoint.exists(), "the run never wrote its step-16 checkpoint"
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
-    assert not (tmp_path / "killed" / "model").exists()  # it really died before the end
 
-    refused = _train(["--config", str(config), "--output-dir", str(tmp_path / "killed")], env)
+    refused = _train(["--config", str(config), "--output-dir", str(run_dir)], env)
     out, _ = refused.communicate(timeout=300)
     assert refused.returncode != 0 and "--resume" in out  # no silent restart over an existing run
 
-    resumed = _train(["--config", str(config), "--output-dir", str(tmp_path / "killed"), "--resume"], env)
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-3000:]
-    assert "resumed from" in out
-
-    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    state = json.loads((tmp_path / "killed" / "checkpoints" / "step-0000040" / "trainer_state.json").read_text())
+    for resume_step in (16, 12):
+        for later in (run_dir / "checkpoints").glob("step-*"):
+            if int(later.name.split("-")[1]) > resume_step:
+                shutil.rmtree(later)
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
+        resumed = _train(["--config", str(config), "--output-dir", str(run_dir), "--resume"], env)
+        out, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, out[-3000:]
+        assert f"step {resume_step}," in out and "resumed from" in out
+        _same_weights(tmp_path / "straight" / "model", run_dir / "model")
+    state = json.loads((run_dir / "checkpoints" / "step-0000040" / "trainer_state.json").read_text())
     assert state["step"] == 40
 
 

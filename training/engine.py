@@ -158,10 +158,14 @@ class TrainingEngine:
 
     def _epoch_batches(self, stage: TrainingStage, result: FitResult):
         if stage.sampler is not None:
-            stage.sampler.set_epoch(result.epoch)
+            loader = stage.dataloader
             if result.batch_in_epoch:
-                return self.accelerator.skip_first_batches(stage.dataloader, result.batch_in_epoch)
-            return stage.dataloader
+                loader = self.accelerator.skip_first_batches(loader, result.batch_in_epoch)
+            # Accelerate's DataLoaderShard sets its sampler's epoch to its own count of passes at every __iter__, and
+            # a loader made by skip_first_batches counts from 0: tell the loader the epoch, or a resumed run replays
+            # epoch 0's order in every later epoch.
+            (loader.set_epoch if hasattr(loader, "set_epoch") else stage.sampler.set_epoch)(result.epoch)
+            return loader
         stage.dataloader.dataset.set_epoch(result.epoch)
         batches = iter(stage.dataloader)
         for _ in range(result.batch_in_epoch):  # replay the stream to the saved position (deterministic)
