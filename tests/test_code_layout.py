@@ -10,7 +10,7 @@ from support import REPO_ROOT
 
 TRAINING = REPO_ROOT / "training"
 # Stage scripts: they may import libraries and each other (the quickstart composes them); libraries import none.
-SCRIPT_MODULES = {"train_quantizer", "label_latents", "pretrain", "finetune", "quickstart", "merge_lora", "evaluate"}
+SCRIPT_MODULES = {"train_quantizer", "label_latents", "pretrain", "finetune", "quickstart", "merge_lora", "evaluate", "imagine"}
 MODULES = sorted(TRAINING.rglob("*.py"))
 
 

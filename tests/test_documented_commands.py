@@ -22,7 +22,7 @@ from support import REPO_ROOT
 README = REPO_ROOT / "README.md"
 SCRIPT_MODULES = [
     "training.train_quantizer", "training.label_latents", "training.pretrain", "training.finetune",
-    "training.merge_lora", "training.quickstart", "training.envs.metaworld_data",
+    "training.merge_lora", "training.quickstart", "training.imagine", "training.evaluate", "training.envs.metaworld_data",
     "modeling_lapa.convert_laq_checkpoint", "modeling_lapa.convert_lapa_jax", "modeling_lapa.convert_lwm_vqgan",
     "benchmarks.convert_lapa_jax_memory", "benchmarks.data_speed", "benchmarks.label_speed",
     "benchmarks.quantizer_speed", "benchmarks.vla_speed",

@@ -1,0 +1,209 @@
+"""training/evaluate.py and training/eval/closed_loop.py on the real Meta-World simulator, at micro size: the
+eval_info.json layout and its Wilson intervals, videos and chart, a tiny VLA acting in the loop, the check of the
+evaluation's initial states against the training data's, and bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.envs.metaworld_data import GenerationConfig, generate_dataset
+from training.eval import (
+    EVAL_SEED_BASE,
+    evaluation_seeds,
+    load_policy,
+    run_closed_loop,
+    wilson_interval,
+)
+from training.evaluate import EvaluationConfig, evaluate, main, prepare
+
+TASKS = "reach-v3,drawer-close-v3"
+DATA_SIZE = 32  # the tiny dataset's (and VLA's) image size
+
+
+def _build_vla(folder: Path, *, fit_actions: bool = True, training_config: dict | None = None) -> Path:
+    """A tiny untrained LAPA VLA + processor saved as a policy folder (as tests/test_vla_model.py builds one)."""
+    from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config
+    from processing_lapa import LAPAImageProcessor, LAPAProcessor, build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    backbone = tiny_backbone_config("llava", image_size=DATA_SIZE, patch_size=8, hidden_size=64, num_layers=2)
+    processor = LAPAProcessor.from_components(
+        build_tiny_tokenizer(), LAPAImageProcessor(size=DATA_SIZE), num_latent_codes=8, latent_sequence_length=4,
+        num_action_bins=16, num_image_tokens=count_image_tokens(backbone))
+    if fit_actions:
+        rng = np.random.default_rng(0)
+        actions = np.concatenate([rng.uniform(-1, 1, (200, 3)), rng.choice([-1.0, 1.0], (200, 1))], axis=1)
+        processor.fit_action_tokenizer(actions.astype(np.float32), dataset="data", gripper_dims=[3])
+    model = LAPAForActionPrediction(LAPAConfig.from_processor(backbone, processor)).eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    if training_config is not None:
+        (folder / "training_config.json").write_text(json.dumps(training_config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def overlapping_dataset(tmp_path_factory):
+    """A real generated dataset whose episode seeds are the evaluation seeds of --seed 0 (run seed 1000 =
+    EVAL_SEED_BASE), with reach-v3 only."""
+    from training.envs import eval_episodes, metaworld_data
+
+    assert eval_episodes.EPISODE_SEED_STRIDE == metaworld_data.EPISODE_SEED_STRIDE
+    assert EVAL_SEED_BASE == 1000 * metaworld_data.EPISODE_SEED_STRIDE
+    root = tmp_path_factory.mktemp("data") / "data"
+    generate_dataset(GenerationConfig(tasks=("reach-v3",), episodes_per_task=2, image_size=DATA_SIZE, max_steps=5,
+                                      seed=1000), root, progress=False)
+    from training.data import LeRobotDatasetMetadata
+
+    assert [ep["episode_seed"] for ep in LeRobotDatasetMetadata(root).episodes] == evaluation_seeds(0, 2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vla_folder(tmp_path_factory, overlapping_dataset):
+    folder = tmp_path_factory.mktemp("vla") / "model"
+    return _build_vla(folder, training_config={"dataset": [str(overlapping_dataset)], "camera_key": None,
+                                               "init_from": None, "dataset_key": "data"})
+
+
+def _config(tmp_path, **settings) -> EvaluationConfig:
+    base = dict(tasks=TASKS, episodes_per_task=2, output_dir=str(tmp_path / "eval"), progress=False,
+                batch_size=3, num_workers=2)
+    return EvaluationConfig(**{**base, **settings})
+
+
+def test_expert_writes_lerobot_layout_with_intervals_videos_and_chart(tmp_path):
+    info = evaluate(_config(tmp_path, policy="expert", max_steps=120))
+    out = tmp_path / "eval"
+    assert json.loads((out / "eval_info.json").read_text()) == json.loads(json.dumps(info))
+    assert [entry["task"] for entry in info["per_task"]] == ["reach-v3", "drawer-close-v3"]
+    seeds = evaluation_seeds(0, 2)
+    for task_id, entry in enumerate(info["per_task"]):
+        assert entry["task_group"] == "custom" and entry["task_id"] == task_id
+        metrics = entry["metrics"]
+        assert set(metrics) >= {"sum_rewards", "max_rewards", "successes", "video_paths", "seeds", "steps"}
+        assert metrics["successes"] == [True, True]  # the expert solves both within 120 steps
+        assert metrics["seeds"] == seeds and all(1 <= s < 120 for s in metrics["steps"])
+        assert all(m <= s for m, s in zip(metrics["max_rewards"], metrics["sum_rewards"]))
+        low, high = wilson_interval(2, 2)
+        assert entry["pc_success"] == 100.0 and entry["pc_success_ci95"] == pytest.approx([100 * low, 100 * high])
+        # One video per task (the first episode): one frame before each action and the last one, 64 px.
+        assert len(metrics["video_paths"]) == 1
+        import av
+
+        with av.open(metrics["video_paths"][0]) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        assert len(frames) == metrics["steps"][0] + 1 and frames[0].shape == (64, 64, 3)
+    group = info["per_group"]["custom"]
+    overall = info["overall"]
+    for block in (group, overall):
+        assert block["n_episodes"] == 4 and block["pc_success"] == 100.0
+        assert set(block) >= {"avg_sum_reward", "avg_max_reward", "pc_success", "n_episodes", "video_paths",
+                              "pc_success_ci95"}
+        assert len(block["video_paths"]) == 2
+    assert overall["pc_success_ci95"] == pytest.approx([100 * v for v in wilson_interval(4, 4)])
+    assert overall["eval_s"] > 0 and overall["eval_ep_s"] == pytest.approx(overall["eval_s"] / 4)
+    assert info["policy"]["name"] == "expert" and info["config"]["episodes_per_task"] == 2
+    assert info["versions"]["metaworld"] and info["settings"]["camera"] == "corner"
+    assert (out / "success_per_task.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_zero_policy_fails_every_episode_at_the_step_limit(tmp_path, capsys):
+    out = tmp_path / "zero"
+    argv = ["--policy", "zero", "--tasks", "reach", "--episodes-per-task", "2", "--max-steps", "15",
+            "--videos-per-task", "0", "--output-dir", str(out), "--no-progress", "--batch-size", "2"]
+    assert main(argv) == 0
+    info = json.loads((out / "eval_info.json").read_text())
+    metrics = info["per_task"][0]["metrics"]
+    assert metrics["successes"] == [False, False] and metrics["steps"] == [15, 15] and metrics["video_paths"] == []
+    assert info["overall"]["pc_success"] == 0.0 and info["overall"]["pc_success_ci95"][0] == 0.0
+    assert not (out / "videos").exists() or not any((out / "videos").iterdir())
+    assert "overall" in capsys.readouterr().out
+    # The same folder again is refused without --overwrite.
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_episodes_do_not_depend_on_batch_size_or_workers():
+    policy = load_policy("expert")
+    kwargs = dict(episodes_per_task=3, max_steps=60, videos_per_task=0, progress=False)
+    one = run_closed_loop(policy, ["reach-v3"], batch_size=1, num_workers=1, **kwargs)
+    three = run_closed_loop(policy, ["reach-v3"], batch_size=3, num_workers=2, **kwargs)
+    assert [(e.seed, e.steps, e.sum_reward, e.success) for e in one.episodes["reach-v3"]] == \
+        [(e.seed, e.steps, e.sum_reward, e.success) for e in three.episodes["reach-v3"]]
+    assert one.first_episode_frames == {}  # no video episode kept no frames
+
+
+def test_vla_uses_its_training_camera_and_size_and_refuses_overlapping_seeds(tmp_path, vla_folder,
+                                                                               overlapping_dataset):
+    # Run seed 1000 of the data generator = the evaluation seeds of --seed 0: refused, naming the task.
+    with pytest.raises(ValueError, match="overlap.*reach-v3"):
+        prepare(_config(tmp_path, policy=str(vla_folder), seed=0))
+    # Through an init_from chain too (a finetuned model whose base was trained on that data).
+    child = _build_vla(tmp_path / "child", training_config={"dataset": [], "init_from": str(vla_folder)})
+    with pytest.raises(ValueError, match="overlap"):
+        prepare(_config(tmp_path, policy=str(child), seed=0))
+    # The dataset has no drawer-close-v3 episode: no overlap for that task alone.
+    prepare(_config(tmp_path, policy=str(vla_folder), seed=0, tasks="drawer-close-v3"))
+    # Another seed: accepted, and the camera and image size come from the dataset's info.json.
+    setup = prepare(_config(tmp_path, policy=str(vla_folder), seed=1))
+    assert setup["settings"]["camera"] == "corner" and setup["settings"]["image_size"] == DATA_SIZE
+    assert setup["seed_check"]["checked"] == [str(overlapping_dataset)]
+    with pytest.raises(ValueError, match=f"--image-size 64.*{DATA_SIZE}"):
+        prepare(_config(tmp_path, policy=str(vla_folder), seed=1, image_size=64))
+    with pytest.raises(ValueError, match="--camera topview.*corner"):
+        prepare(_config(tmp_path, policy=str(vla_folder), seed=1, camera="topview"))
+
+
+def test_vla_acts_in_the_closed_loop(tmp_path, vla_folder):
+    info = evaluate(_config(tmp_path, policy=str(vla_folder), seed=1, tasks="reach-v3", max_steps=4, batch_size=2))
+    metrics = info["per_task"][0]["metrics"]
+    assert metrics["steps"] == [4, 4] and metrics["seeds"] == evaluation_seeds(1, 2)
+    assert info["policy"]["kind"] == "vla" and info["seed_check"]["overlap"] is False
+    import av
+
+    with av.open(metrics["video_paths"][0]) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert frame.shape == (DATA_SIZE, DATA_SIZE, 3)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(policy="expert", tasks="reach-v3,fly-to-the-moon"), "Unknown Meta-World task"),
+    (dict(policy="expert", episodes_per_task=0), "episodes-per-task"),
+    (dict(policy="expert", max_steps=0), "max-steps"),
+    (dict(policy=None), "--policy is required"),
+    (dict(policy="expert", camera="ceiling"), "unknown --camera"),
+    (dict(policy="expert", image_size=33), "must be even"),
+])
+def test_bad_settings_are_refused_before_any_simulator_starts(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **settings)
+
+
+def test_bad_policies_are_refused_clearly(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no such folder"):
+        load_policy(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        load_policy(str(tmp_path / "empty"))
+    (tmp_path / "quantizer").mkdir()
+    (tmp_path / "quantizer" / "config.json").write_text(json.dumps({"model_type": "lapa_quantizer"}))
+    with pytest.raises(ValueError, match="not a LAPA VLA"):
+        load_policy(str(tmp_path / "quantizer"))
+    latent_only = _build_vla(tmp_path / "latent", fit_actions=False)
+    with pytest.raises(ValueError, match="latent-only"):
+        load_policy(str(latent_only))
+    assert main(["--policy", str(tmp_path / "missing"), "--tasks", "reach", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["--policy", "expert", "--tasks", "nope"]) == 2
+    assert "Unknown Meta-World task" in capsys.readouterr().err
+
+
+def test_vla_without_its_training_data_uses_the_processor_size_and_warns(tmp_path, capsys):
+    folder = _build_vla(tmp_path / "hub-like")  # no training_config.json: like a model from the Hub
+    setup = prepare(_config(tmp_path, policy=str(folder)))
+    assert setup["settings"]["camera"] == "corner" and setup["settings"]["image_size"] == DATA_SIZE
+    assert setup["seed_check"] is None and "not known" in capsys.readouterr().err
