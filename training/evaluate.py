@@ -86,6 +86,15 @@ class EvaluationConfig:
         "camera the policy sees (default: the one of its training data; 'corner' for expert and zero)"))
     image_size: int | None = field(default=None, metadata=_help(
         "image size in pixels (default: that of its training data; 64 for expert and zero)"))
+    quantizer: str | None = field(default=None, metadata=_help(
+        "a LAPA quantizer folder: with it, the first episode of each task is also imagined by the world model (the "
+        "VLA's latent actions decoded by the quantizer, one 0.6 s gap at a time) beside the real one, with the PSNR "
+        "per step of horizon (default: none)"))
+    world_model_vla: str | None = field(default=None, metadata=_help(
+        "with --quantizer: the latent-pretrained VLA that predicts the latent actions (default: the policy's "
+        "init_from when its training record names one, else the policy)"))
+    imagine_steps: int = field(default=16, metadata=_help(
+        "with --quantizer: most gaps imagined per episode (fewer when the real episode ends sooner; default: 16)"))
     device: str = field(default="auto", metadata=_help("torch device of the policy: auto (cuda if any), cpu, cuda"))
     progress: bool = field(default=True, metadata=_help("progress bar over the episodes"))
 
@@ -97,8 +106,18 @@ class EvaluationConfig:
             setattr(self, name, None if value is None else str(value))
         if self.policy is None:
             raise ValueError("--policy is required: a VLA folder or Hub id, or one of " + ", ".join(REFERENCE_POLICIES))
+        for name in ("quantizer", "world_model_vla"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+            setattr(self, name, None if value is None else str(value))
+        if self.world_model_vla is not None and self.quantizer is None:
+            raise ValueError("--world-model-vla needs --quantizer (the world model decodes its latent actions)")
+        if self.quantizer is not None and self.videos_per_task < 1:
+            raise ValueError("--quantizer imagines the first episode of each task beside its video: give "
+                             "--videos-per-task >= 1")
         for name, low in (("episodes_per_task", 1), ("max_steps", 1), ("batch_size", 1), ("num_workers", 1),
-                          ("videos_per_task", 0), ("image_size", 8), ("seed", 0)):
+                          ("videos_per_task", 0), ("image_size", 8), ("seed", 0), ("imagine_steps", 1)):
             value = getattr(self, name)
             if value is None and name in ("num_workers", "image_size"):
                 continue
@@ -166,8 +185,30 @@ def prepare(config: EvaluationConfig) -> dict:
     policy = load_policy(config.policy, device=device, dataset=(record or {}).get("dataset_key"))
     if not reference and settings["source"] != "given" and not settings["source"].endswith("info.json"):
         _unknown_training_data_fallback(policy, config, settings)
+    world_model = None if config.quantizer is None else load_world_model(config, record, device)
     return dict(tasks=tasks, seeds=seeds, settings=settings, record=record, seed_check=seed_check,
-                output_dir=output_dir, device=device, policy=policy)
+                output_dir=output_dir, device=device, policy=policy, world_model=world_model)
+
+
+def load_world_model(config: EvaluationConfig, record: dict | None, device: str) -> tuple:
+    """(vla, its path, quantizer, gap in seconds) for the imagined rollouts, checked to fit each other before any
+    simulator starts. The VLA: --world-model-vla, else the policy's init_from (the latent-pretrained model it was
+    finetuned from), else the policy."""
+    from training.eval.world_model import check_world_model, load_vla
+    from training.labelling import LabellingError, load_quantizer, resolve_gap_seconds
+
+    try:
+        quantizer, quantizer_record = load_quantizer(config.quantizer, device=device)
+    except LabellingError as error:
+        raise ValueError(str(error)) from error  # its message names the folder and what is wrong
+    gap_seconds, _ = resolve_gap_seconds(None, quantizer.config, quantizer_record["path"])
+    vla_path = config.world_model_vla or (record or {}).get("init_from") or config.policy
+    if vla_path in REFERENCE_POLICIES:
+        raise ValueError(f"--quantizer needs a VLA that predicts latent actions (--world-model-vla); the {vla_path!r} "
+                         "policy has none")
+    vla = load_vla(vla_path, device)
+    check_world_model(vla, quantizer)
+    return vla, vla_path, quantizer, gap_seconds
 
 
 def _unknown_training_data_fallback(policy, config: EvaluationConfig, settings: dict) -> None:
@@ -236,13 +277,53 @@ def evaluate(config: EvaluationConfig) -> dict:
                                                        "unchecked": seed_check["unchecked"], "overlap": False},
     }
     eval_info = build_eval_info(result, task_group=config.task_group, video_paths=video_paths, extra=extra)
-    # Hook for world-model rollouts: `result.first_episode_frames[task]` is each task's first real episode (the
-    # frames of its video); an imagined rollout's video goes in per_task[i]["metrics"]["predicted_video_paths"].
+    if config.quantizer is not None:
+        world_model_rollouts(config, setup, result, eval_info, output_dir)
     (output_dir / "eval_info.json").write_text(json.dumps(eval_info, indent=2))
     plot_success_per_task(eval_info, output_dir / "success_per_task.png", title=f"{config.policy} on {config.tasks}")
     print(summary_table(eval_info))
     print(f"wrote {output_dir / 'eval_info.json'}")
     return eval_info
+
+
+def world_model_rollouts(config: EvaluationConfig, setup: dict, result, eval_info: dict, output_dir: Path) -> None:
+    """For the first episode of each task: the world model's imagined rollout from its first frame beside the real
+    one (`videos/<task>/imagined_episode_0.mp4`, LeRobot's `predicted_video_paths`), and the PSNR of each imagined
+    frame against the real frame at the same time (`imagined_psnr_per_step`, with `held_still_psnr_per_step`, the
+    start frame held still, as its baseline); their means over tasks in `overall`."""
+    import numpy as np
+
+    from training.envs.metaworld_data import DEFAULT_FPS
+    from training.envs.metaworld_tasks import task_instruction
+    from training.eval.world_model import imagine_beside_real
+
+    vla, vla_path, quantizer, gap_seconds = setup["world_model"]
+    # One recorded frame per control step at the datasets' declared fps: a gap of 0.6 s is 6 control steps.
+    gap_frames = max(1, round(gap_seconds * DEFAULT_FPS))
+    scores, baselines = [], []
+    for entry in eval_info["per_task"]:
+        task = entry["task"]
+        rollout = imagine_beside_real(
+            vla, quantizer, result.first_episode_frames[task], task_instruction(task), gap_frames=gap_frames,
+            max_steps=config.imagine_steps, path=output_dir / "videos" / task / "imagined_episode_0.mp4",
+            fps=1.0 / gap_seconds)
+        if rollout is None:
+            continue
+        entry["metrics"]["predicted_video_paths"] = [rollout["video_path"]]
+        entry["metrics"]["imagined_psnr_per_step"] = rollout["psnr"]
+        entry["metrics"]["held_still_psnr_per_step"] = rollout["copy_psnr"]
+        entry["metrics"]["imagined_codes"] = rollout["codes"]
+        scores.append(rollout["psnr"])
+        baselines.append(rollout["copy_psnr"])
+    horizon = max((len(s) for s in scores), default=0)
+
+    def mean_per_step(rows):
+        return [float(np.mean([row[k] for row in rows if len(row) > k])) for k in range(horizon)]
+
+    eval_info["overall"]["imagined_psnr_per_step"] = mean_per_step(scores)
+    eval_info["overall"]["held_still_psnr_per_step"] = mean_per_step(baselines)
+    eval_info["world_model"] = {"vla": str(vla_path), "quantizer": config.quantizer, "gap_seconds": gap_seconds,
+                                "gap_control_steps": gap_frames}
 
 
 def summary_table(eval_info: dict) -> str:

@@ -29,7 +29,7 @@ import torch
 
 from training.data import gap_in_frames, load_lerobot_dataset
 from training.data.errors import DataLayerError
-from training.eval.world_model import imagine, rollout_psnr, write_rollout
+from training.eval.world_model import imagine, load_vla, rollout_psnr, write_rollout
 from training.labelling import LabellingError, load_quantizer, resolve_gap_seconds
 from training.settings import resolve_stage_config, stage_parser
 
@@ -102,18 +102,6 @@ def build_parser():
 def resolve_config(argv: list[str] | None = None) -> ImagineConfig:
     """defaults <- YAML file (`--config`) <- command line, into an `ImagineConfig`; ValueError on a bad setting."""
     return resolve_stage_config(ImagineConfig, build_parser(), argv)
-
-
-def load_vla(folder: str, device: torch.device):
-    """The VLA of `folder` in fp32 on `device`, with the processor saved beside it (an error without one)."""
-    from modeling_lapa import LAPAForActionPrediction
-
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--vla {folder}: not a folder (expected a save_pretrained LAPA VLA folder)")
-    vla = LAPAForActionPrediction.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    if vla.processor is None:
-        raise ValueError(f"--vla {folder}: no processor beside the model (save it with processor.save_pretrained)")
-    return vla
 
 
 def real_frames(config: ImagineConfig, image_size: int, gap_seconds: float) -> dict:

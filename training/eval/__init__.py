@@ -12,6 +12,8 @@
 - `closed_loop`: `run_closed_loop`, policies acting in Meta-World (`load_policy`: a VLA, "expert" or "zero"), batched
   over simulator worker processes (`training.envs.sim_workers`); `policy_data`: the camera, image size and initial
   states a VLA was trained on; `eval_report`: eval_info.json (LeRobot's layout), videos and the success chart.
+- `world_model`: `imagine`, the VLA's latent actions decoded by the quantizer frame after frame (world-model
+  rollouts), `imagine_beside_real` against a real episode, `write_rollout` (GIF/MP4 with the codes drawn).
 """
 
 from .actions import ACTION_TARGETS, action_names, action_targets, default_position_dims, window_mean_actions
@@ -48,8 +50,26 @@ from .policy_data import (
     training_record,
 )
 from .vla import evaluate_vla, majority_accuracy, majority_tokens
+from .world_model import (
+    ImaginedRollout,
+    check_world_model,
+    imagine,
+    imagine_beside_real,
+    load_vla,
+    render_rollout,
+    rollout_psnr,
+    write_rollout,
+)
 
 __all__ = [
+    "ImaginedRollout",
+    "check_world_model",
+    "imagine",
+    "imagine_beside_real",
+    "load_vla",
+    "render_rollout",
+    "rollout_psnr",
+    "write_rollout",
     "ACTION_TARGETS",
     "ClosedLoopResult",
     "EVAL_SEED_BASE",
@@ -102,7 +122,3 @@ __all__ = [
     "write_videos",
 ]
 
-# World-model rollouts (`world_model`): the VLA's latent actions decoded by the quantizer, frame after frame.
-from .world_model import ImaginedRollout, check_world_model, imagine, render_rollout, rollout_psnr, write_rollout  # noqa: E402
-
-__all__ += ["ImaginedRollout", "check_world_model", "imagine", "render_rollout", "rollout_psnr", "write_rollout"]

@@ -370,3 +370,42 @@ __all__ = [
     "to_uint8",
     "write_rollout",
 ]
+
+
+def load_vla(folder: str | Path, device: torch.device | str = "cpu"):
+    """The LAPA VLA of a `save_pretrained` folder in fp32 eval mode on `device`, with the processor saved beside it
+    (a ValueError without one: a rollout formats its prompts with it)."""
+    import processing_lapa  # noqa: F401  (registers LAPAProcessor with AutoProcessor, which loads the saved processor)
+    from modeling_lapa import LAPAForActionPrediction
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder (expected a save_pretrained LAPA VLA folder)")
+    vla = LAPAForActionPrediction.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    if vla.processor is None:
+        raise ValueError(f"{folder}: no processor beside the model (save it with processor.save_pretrained)")
+    return vla
+
+
+def imagine_beside_real(vla, quantizer, real_frames: np.ndarray, instruction: str, *, gap_frames: int,
+                        max_steps: int = 16, path: str | Path | None = None, fps: float = 2.0) -> dict | None:
+    """The world model against the simulator: imagine from the first frame of a real episode, one gap at a time, and
+    score each imagined frame against the real frame at the same time (`real_frames[k * gap_frames]`).
+
+    `real_frames`: uint8 (T, H, W, 3), one frame per control step. Returns None when the episode is shorter than one
+    gap; else {"steps", "psnr" (per step of horizon, dB), "copy_psnr" (the start frame held still, the baseline a
+    world model must beat), "codes", "video_path"}, and writes the side-by-side video to `path` when given."""
+    if gap_frames < 1:
+        raise ValueError(f"gap_frames must be >= 1, got {gap_frames}")
+    real = _frames_array(real_frames, "real_frames")[::gap_frames]
+    steps = min(max_steps, len(real) - 1)
+    if steps < 1:
+        return None
+    rollout = imagine(vla, quantizer, real[0], instruction, steps)
+    real = real[: steps + 1]
+    held_still = np.repeat(rollout.frames[:1], steps + 1, axis=0)
+    result = {"steps": steps, "psnr": rollout_psnr(rollout.frames, real)[1:].tolist(),
+              "copy_psnr": rollout_psnr(held_still, real)[1:].tolist(), "codes": rollout.codes.tolist(),
+              "video_path": None}
+    if path is not None:
+        result["video_path"] = str(write_rollout(path, rollout, real=real, fps=fps))
+    return result
