@@ -24,7 +24,7 @@ SCRIPT_MODULES = [
     "training.train_quantizer", "training.label_latents", "training.pretrain", "training.finetune",
     "training.merge_lora", "training.quickstart", "training.imagine", "training.evaluate", "training.envs.metaworld_data",
     "modeling_lapa.convert_laq_checkpoint", "modeling_lapa.convert_lapa_jax", "modeling_lapa.convert_lwm_vqgan",
-    "benchmarks.convert_lapa_jax_memory", "benchmarks.data_speed", "benchmarks.label_speed",
+    "hub_cards.publish", "benchmarks.convert_lapa_jax_memory", "benchmarks.data_speed", "benchmarks.label_speed",
     "benchmarks.quantizer_speed", "benchmarks.vla_speed",
 ]
 # Stages whose settings are resolved too (argv -> config object, with the preset and the KEY=VALUE items).
