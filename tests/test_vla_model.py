@@ -431,3 +431,26 @@ def test_chunk_size_mismatch_and_bad_values_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="action_chunk_size must be an int >= 1"):
         LAPAProcessor.from_components(build_tiny_tokenizer(), LAPAImageProcessor(size=32), num_image_tokens=16,
                                       num_action_bins=16, action_chunk_size=0)
+
+
+def test_a_chunking_lora_adapter_on_a_single_step_base_merges_with_the_adapters_k(tmp_path):
+    # finetune.py --lora --init-from <single-step or latent model> --action-chunk-size 3: the base folder's config
+    # says k = 1, the adapter's processor says 3; the merged checkpoint predicts 3 actions.
+    from training.merge_lora import merge_lora
+    from training.vla_training import VLATrainingConfig, apply_lora
+
+    model, processor = build("llava")
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    model.config.action_chunk_size = processor.action_chunk_size = CHUNK  # what build_processor_and_model does
+    peft_model = apply_lora(model, VLATrainingConfig(dataset=["x"], lora_rank=4, lora_alpha=8))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    processor.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    merge_lora(adapter, tmp_path / "merged")
+    merged = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.action_chunk_size == CHUNK
+    assert merged.predict_action(images(), INSTRUCTIONS).shape == (2, CHUNK, ACTION_DIM)
