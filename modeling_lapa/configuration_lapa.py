@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from transformers import AutoConfig, PretrainedConfig
 
 from .modeling_lwm import LWMConfig
@@ -65,6 +67,13 @@ def tiny_backbone_config(family: str = "llava", image_size: int = 32, patch_size
     raise ValueError(f"no tiny config for backbone family {family!r}; choose 'llava' or 'idefics3'")
 
 
+def check_action_chunk_size(value) -> int:
+    """k must be a positive int (not a bool): the number of future actions one prediction holds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"action_chunk_size must be an integer >= 1 (actions per prediction), got {value!r}")
+    return int(value)
+
+
 class LAPAConfig(PretrainedConfig):
     r"""
     Configuration of [`LAPAForActionPrediction`]: a transformers vision-language backbone whose vocabulary holds
@@ -86,6 +95,10 @@ class LAPAConfig(PretrainedConfig):
         freeze_vision_encoder (`bool`, defaults to True): keep the vision tower frozen (the paper freezes it).
         vqgan_config (`LWMVQGANConfig` or `dict`, *optional*): the image tokenizer of the "lwm" backbone family
             (default: LWM's released VQGAN); unused by the other families.
+        action_chunk_size (`int`, defaults to 1): k, the actions predicted per call (action chunking): the action
+            target block is k x D action tokens, time-major (the D tokens of step t, then those of t + 1, ...). 1 is
+            the paper's single-step policy; a config saved before chunking existed has no entry and loads as 1.
+            The processor must use the same k (`LAPAProcessor(action_chunk_size=k)`); `predict_action` checks it.
     """
 
     model_type = "lapa"
@@ -104,8 +117,10 @@ class LAPAConfig(PretrainedConfig):
         num_image_tokens: int | None = None,
         freeze_vision_encoder: bool = True,
         vqgan_config: LWMVQGANConfig | dict | None = None,
+        action_chunk_size: int = 1,
         **kwargs,
     ):
+        check_action_chunk_size(action_chunk_size)
         if isinstance(backbone_config, dict):
             backbone_config = dict(backbone_config)
             model_type = backbone_config.pop("model_type", None)
@@ -130,6 +145,7 @@ class LAPAConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
         self.freeze_vision_encoder = freeze_vision_encoder
+        self.action_chunk_size = int(action_chunk_size)
         super().__init__(**kwargs)
         if backbone_config is not None:
             self._validate()
@@ -232,8 +248,8 @@ class LAPAConfig(PretrainedConfig):
             image_token_id=processor.image_token_id,
             num_image_tokens=processor.num_image_tokens,
             pad_token_id=processor.tokenizer.pad_token_id,
-            **kwargs,
+            **{"action_chunk_size": getattr(processor, "action_chunk_size", 1), **kwargs},
         )
 
 
-__all__ = ["LAPAConfig", "BACKBONE_FAMILIES", "count_image_tokens", "tiny_backbone_config"]
+__all__ = ["LAPAConfig", "BACKBONE_FAMILIES", "check_action_chunk_size", "count_image_tokens", "tiny_backbone_config"]

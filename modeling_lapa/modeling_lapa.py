@@ -5,7 +5,8 @@ tokens `<action_b>` are ordinary tokens after the backbone's text vocabulary. A 
 
     [bos] <image> x num_image_tokens  "What action should the robot take to {instruction}?"  t_1 ... t_K
 
-(left-padded), with K = s latent tokens (latent pretraining) or D action tokens (action finetuning). At a latent
+(left-padded), with K = s latent tokens (latent pretraining) or k x D action tokens (action finetuning: k =
+`config.action_chunk_size` future actions, time-major; k = 1, one action, is the paper's setting). At a latent
 target the loss and the decoding are a softmax over the |C| latent rows of the output matrix only, at an action
 target over the N action rows only: exactly the paper's separate latent and action heads, while the checkpoint stays
 an ordinary image-text-to-text model.
@@ -390,20 +391,50 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def predict_action(self, images, instructions, dataset: str | None = None, processor=None,
                        center_crop: bool = False, return_logits: bool = False, **sampling):
-        """Continuous actions (B, D) as a float32 numpy array, decoded at the bins' midpoints with the statistics of
-        `dataset` (the processor's only dataset when None). With `return_logits`, also the action-block logits
-        (B, D, N)."""
+        """Continuous actions as a float32 numpy array, decoded at the bins' midpoints with the statistics of
+        `dataset` (the processor's only dataset when None): (B, D) for a single-step model (k =
+        `config.action_chunk_size` = 1), (B, k, D) for a chunking one (what `predict_action_chunk` returns). With
+        `return_logits`, also the action-block logits: (B, D, N), or (B, k, D, N) when k > 1."""
+        result = self.predict_action_chunk(images, instructions, dataset=dataset, processor=processor,
+                                           center_crop=center_crop, return_logits=return_logits, **sampling)
+        if self.config.action_chunk_size > 1:
+            return result
+        if return_logits:
+            return result[0][:, 0], result[1][:, 0]
+        return result[:, 0]
+
+    @torch.no_grad()
+    def predict_action_chunk(self, images, instructions, dataset: str | None = None, processor=None,
+                             center_crop: bool = False, return_logits: bool = False, **sampling):
+        """The next k = `config.action_chunk_size` actions of every example, (B, k, D) float32 numpy (k = 1 too),
+        from one cached decoding of exactly k x D action tokens (time-major; every step restricted to the action
+        block, no end-of-sequence rule). With `return_logits`, also the action-block logits (B, k, D, N)."""
         processor = self._processor_or_raise(processor)
         if not self.config.num_action_bins or processor.action_tokenizer is None:
             raise ValueError("this model has no action tokens (a latent-pretrained checkpoint): finetune it on actions "
                              "first, or use predict_latent_actions")
+        self.check_processor_chunk_size(processor)
+        k = self.config.action_chunk_size
         action_dim = processor.action_tokenizer.action_dim(dataset)
         inputs = self._prompt_inputs(processor, images, instructions, center_crop, task="action")
-        result = self.generate_block(**inputs, num_tokens=action_dim, block="action", return_logits=return_logits,
-                                     **sampling)
+        result = self.generate_block(**inputs, num_tokens=k * action_dim, block="action",
+                                     return_logits=return_logits, **sampling)
         bins, logits = result if return_logits else (result, None)
-        actions = processor.action_tokenizer.decode(bins.cpu().numpy(), dataset=dataset)
-        return (actions, logits) if return_logits else actions
+        bins = bins.cpu().numpy().reshape(len(bins), k, action_dim)
+        actions = processor.action_tokenizer.decode(bins, dataset=dataset)
+        if return_logits:
+            return actions, logits.reshape(len(logits), k, action_dim, logits.shape[-1])
+        return actions
+
+    def check_processor_chunk_size(self, processor) -> None:
+        """The processor builds and decodes action blocks of k x D tokens with its own k: it must be the model's."""
+        theirs = getattr(processor, "action_chunk_size", 1)
+        if theirs != self.config.action_chunk_size:
+            raise ValueError(
+                f"the processor's action_chunk_size ({theirs}) differs from the model's "
+                f"config.action_chunk_size ({self.config.action_chunk_size}): the model predicts "
+                f"{self.config.action_chunk_size} action(s) per call; use the processor saved with it, or set both "
+                "to the same k")
 
     # -- loading -----------------------------------------------------------------------------------------------------
     @classmethod
@@ -415,6 +446,8 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         model.apply_freezing()
         if load_processor:
             model.processor = _load_processor_if_present(pretrained_model_name_or_path, kwargs)
+            if model.processor is not None:
+                model.check_processor_chunk_size(model.processor)
         return loaded
 
 

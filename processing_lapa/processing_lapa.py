@@ -4,8 +4,9 @@ Every example becomes
 
     [bos] + <image> x num_image_tokens + tokens("What action should the robot take to {instruction}?") + targets
 
-where the targets are s latent-action tokens `<latent_k>` (latent pretraining) or D action-bin tokens `<action_k>`
-(action finetuning). Both kinds are new special tokens appended to the backbone tokenizer, so a LAPA checkpoint
+where the targets are s latent-action tokens `<latent_k>` (latent pretraining) or k x D action-bin tokens
+`<action_k>` (action finetuning; k = `action_chunk_size`, 1 by default: one action, as in the paper; with k > 1 the
+D tokens of each of the k future actions in time order, "action chunking"). Both kinds are new special tokens appended to the backbone tokenizer, so a LAPA checkpoint
 stays an ordinary image-text-to-text checkpoint; the model restricts its logits to the right id block at each target
 position. Batches are always LEFT padded (training and generation share one layout; positions come from the
 attention mask) and `labels` are -100 everywhere except at the target tokens.
@@ -58,6 +59,8 @@ class LAPAProcessor(ProcessorMixin):
         image_token (`str`, defaults to `"<image>"`): the placeholder token.
         prompt_template (`str`): the text around the instruction; must contain `{instruction}`.
         add_bos (`bool`, defaults to True): start every sequence with the tokenizer's BOS token.
+        action_chunk_size (`int`, defaults to 1): k, the future actions one action target holds (action chunking).
+            Must equal the model's `config.action_chunk_size`. A processor saved before chunking existed loads as 1.
         chat_template (`str`, *optional*): passed to [`ProcessorMixin`]; unused by LAPA's own prompt.
     """
 
@@ -75,8 +78,10 @@ class LAPAProcessor(ProcessorMixin):
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         add_bos: bool = True,
         chat_template: str | None = None,
+        action_chunk_size: int = 1,
     ):
         for name, value, minimum in (
+            ("action_chunk_size", action_chunk_size, 1),
             ("num_latent_codes", num_latent_codes, 1),
             ("latent_sequence_length", latent_sequence_length, 1),
             ("num_action_bins", num_action_bins, self._min_action_bins),
@@ -99,6 +104,7 @@ class LAPAProcessor(ProcessorMixin):
         self.image_token = image_token
         self.prompt_template = prompt_template
         self.add_bos = bool(add_bos)
+        self.action_chunk_size = int(action_chunk_size)
         # None when the model has no action block (a latent-pretrained LWM checkpoint: `LWMProcessor`).
         self.action_tokenizer = ActionTokenizer(num_bins=self.num_action_bins) if self.num_action_bins else None
 
@@ -242,7 +248,8 @@ class LAPAProcessor(ProcessorMixin):
             images: one image per instruction, in any form [`LAPAImageProcessor`] accepts.
             text (`str` or `list[str]`): the instructions (B of them).
             latent_codes (`(B, s)` ints in `[0, |C|)`, *optional*): latent-action targets.
-            actions (`(B, D)` floats, *optional*): robot-action targets, binned with the action tokenizer.
+            actions (`(B, k, D)` floats, *optional*): robot-action targets (k = `action_chunk_size` future actions
+                per example, binned with the action tokenizer into k x D tokens, time-major); `(B, D)` when k = 1.
             dataset (`str`, *optional*): whose action statistics bin `actions`; may be omitted with one dataset.
             center_crop (`bool`, defaults to False): apply the image processor's evaluation center crop.
             return_tensors (`str`, defaults to `"pt"`): `"pt"` or `"np"`.
@@ -252,7 +259,8 @@ class LAPAProcessor(ProcessorMixin):
         Returns:
             [`BatchFeature`] with `input_ids` `(B, L)` int64 (left padded with the pad id), `attention_mask` `(B, L)`
             int64 (0 on the padding), `pixel_values` `(B, 3, S, S)` float32 and, when targets are given, `labels`
-            `(B, L)` int64 equal to `input_ids` at the target positions (the last s or D tokens) and -100 elsewhere.
+            `(B, L)` int64 equal to `input_ids` at the target positions (the last s or k x D tokens) and -100
+            elsewhere.
             Without targets the sequences end right after the prompt: a generation prompt.
         """
         instructions = self._check_instructions(text)
@@ -351,13 +359,22 @@ class LAPAProcessor(ProcessorMixin):
         return codes.astype(np.int64) + self._latent_offset
 
     def _actions_to_ids(self, actions, batch_size: int, dataset: str | None) -> np.ndarray:
+        """(B, k, D) actions (or (B, D) with k = 1) -> (B, k * D) action token ids, time-major."""
         actions = _to_numpy(actions)
-        if actions.ndim != 2:
-            raise ValueError(f"actions must have shape (batch, D), got shape {tuple(actions.shape)}")
+        k = self.action_chunk_size
+        if actions.ndim == 2 and k == 1:
+            actions = actions[:, None]
+        if actions.ndim != 3 or actions.shape[1] != k:
+            expected = "(batch, D) or (batch, 1, D)" if k == 1 else f"(batch, {k}, D) (k = action_chunk_size = {k})"
+            raise ValueError(f"actions must have shape {expected}, got shape {tuple(actions.shape)}")
         if actions.shape[0] != batch_size:
             raise ValueError(f"batch size mismatch: {actions.shape[0]} action rows for {batch_size} instruction(s)")
         bins = self.action_tokenizer.encode(actions, dataset=dataset)
-        return bins + self._action_offset
+        return bins.reshape(batch_size, -1) + self._action_offset
+
+    def num_action_tokens(self, dataset: str | None = None) -> int:
+        """Action tokens one prediction holds: k x D (k = `action_chunk_size`, D the dataset's action size)."""
+        return self.action_chunk_size * self.action_tokenizer.action_dim(dataset)
 
     def _reserved_id_range(self) -> tuple[int, int]:
         """Half-open id range covering the latent and the action tokens (they may be separate blocks)."""
@@ -400,13 +417,21 @@ class LAPAProcessor(ProcessorMixin):
         r"""Action token ids -> continuous actions (bin midpoints; gripper dims to the dataset's low/high).
 
         Args:
-            token_ids (`(B, D)` or `(D,)` ints, numpy or torch): ids of `<action_k>` tokens.
+            token_ids (`(B, D)` or `(D,)` ints, numpy or torch): ids of `<action_k>` tokens; with
+                `action_chunk_size` k > 1, `(B, k * D)` or `(k * D,)` (time-major, as the model emits them).
             dataset (`str`, *optional*): whose statistics to use; may be omitted when only one is fitted.
 
         Returns:
-            `np.ndarray` `(B, D)` (or `(D,)`), float32.
+            `np.ndarray` `(B, D)` (or `(D,)`), float32; `(B, k, D)` (or `(k, D)`) when k > 1.
         """
         ids = _to_numpy(token_ids).astype(np.int64)
+        k = self.action_chunk_size
+        if k > 1:
+            expected = self.num_action_tokens(dataset)
+            if ids.ndim == 0 or ids.shape[-1] != expected:
+                raise ValueError(f"expected k x D = {expected} action tokens per example (last axis; k = "
+                                 f"action_chunk_size = {k}), got shape {tuple(ids.shape)}")
+            ids = ids.reshape(*ids.shape[:-1], k, expected // k)
         bins = ids - self._action_offset
         bad = (bins < 0) | (bins >= self.num_action_bins)
         if bad.any():

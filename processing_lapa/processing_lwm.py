@@ -68,6 +68,7 @@ class LWMProcessor(LAPAProcessor):
         num_action_bins: int = 0,
         num_image_tokens: int = 256,
         chat_template: str | None = None,
+        action_chunk_size: int = 1,
     ):
         if num_action_bins == 1:
             raise ValueError("num_action_bins must be 0 (no action block) or >= 2")
@@ -88,7 +89,7 @@ class LWMProcessor(LAPAProcessor):
             image_processor, tokenizer, num_latent_codes=num_latent_codes,
             latent_sequence_length=latent_sequence_length, num_action_bins=num_action_bins,
             num_image_tokens=num_image_tokens, prompt_template=prompt_template, add_bos=num_bos > 0,
-            chat_template=chat_template,
+            chat_template=chat_template, action_chunk_size=action_chunk_size,
         )
 
     def _locate_special_tokens(self) -> tuple[int, int, int]:

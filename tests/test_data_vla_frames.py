@@ -263,3 +263,34 @@ def test_collate_vla_frames(labelled):
         collate_vla_frames([latent[0], streamed[0]])
     with pytest.raises(ValueError, match="different sizes"):
         collate_vla_frames([latent[0], VLAFrameDataset(dataset, target="latent")[0]])
+
+
+def test_action_chunks_are_the_next_k_actions_with_the_last_repeated_at_episode_ends(labelled):
+    dataset, rows = labelled
+    k = 4
+    frames = VLAFrameDataset(dataset, target="action", episodes=[0, 3], image_size=8, action_chunk_size=k,
+                             frame_stride=2)
+    # episode 3 has 7 frames: served t = 0, 2, 4, 6; the chunk of t = 4 runs 4, 5, 6, 6 and that of t = 6 is 6 x 4.
+    items = {(int(it["episode_index"]), int(it["frame_index"])): it for it in (frames[i] for i in range(len(frames)))}
+    for t, steps in ((0, [0, 1, 2, 3]), (4, [4, 5, 6, 6]), (6, [6, 6, 6, 6])):
+        action = items[(3, t)]["action"]
+        assert action.dtype == torch.float32 and action.shape == (k, 3)
+        np.testing.assert_array_equal(action.numpy(), np.float32([rows[(3, s)]["action"] for s in steps]))
+    # The chunk reads consecutive control steps whatever the stride; all_action_chunks is the items' targets in order.
+    np.testing.assert_array_equal(items[(0, 2)]["action"].numpy(), np.float32([rows[(0, s)]["action"]
+                                                                              for s in range(2, 6)]))
+    chunks = frames.all_action_chunks()
+    assert chunks.shape == (len(frames), k, 3)
+    np.testing.assert_array_equal(chunks, np.stack([frames[i]["action"].numpy() for i in range(len(frames))]))
+    assert frames.all_actions().shape == (len(frames), 3)  # the bins are still fitted on one action per frame
+    # The stream shares the targets; the collated batch is (B, k, D).
+    streamed = {(int(it["episode_index"]), int(it["frame_index"])): it
+                for it in make_streaming_vla_frames(frames, shuffle=False)}
+    np.testing.assert_array_equal(streamed[(3, 4)]["action"], items[(3, 4)]["action"].numpy())
+    assert collate_vla_frames([items[(3, 4)], items[(3, 6)]])["action"].shape == (2, k, 3)
+    # k = 1 is the single-step layout.
+    assert VLAFrameDataset(dataset, target="action", episodes=[3], action_chunk_size=1)[0]["action"].shape == (3,)
+    with pytest.raises(ValueError, match="needs target='action'"):
+        VLAFrameDataset(dataset, target="latent", action_chunk_size=2)
+    with pytest.raises(ValueError, match="action_chunk_size must be a positive integer"):
+        VLAFrameDataset(dataset, target="action", action_chunk_size=0)

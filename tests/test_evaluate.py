@@ -23,7 +23,8 @@ TASKS = "reach-v3,drawer-close-v3"
 DATA_SIZE = 32  # the tiny dataset's (and VLA's) image size
 
 
-def _build_vla(folder: Path, *, fit_actions: bool = True, training_config: dict | None = None) -> Path:
+def _build_vla(folder: Path, *, fit_actions: bool = True, training_config: dict | None = None,
+               action_chunk_size: int = 1) -> Path:
     """A tiny untrained LAPA VLA + processor saved as a policy folder (as tests/test_vla_model.py builds one)."""
     from modeling_lapa import LAPAConfig, LAPAForActionPrediction, count_image_tokens, tiny_backbone_config
     from processing_lapa import LAPAImageProcessor, LAPAProcessor, build_tiny_tokenizer
@@ -32,7 +33,7 @@ def _build_vla(folder: Path, *, fit_actions: bool = True, training_config: dict 
     backbone = tiny_backbone_config("llava", image_size=DATA_SIZE, patch_size=8, hidden_size=64, num_layers=2)
     processor = LAPAProcessor.from_components(
         build_tiny_tokenizer(), LAPAImageProcessor(size=DATA_SIZE), num_latent_codes=8, latent_sequence_length=4,
-        num_action_bins=16, num_image_tokens=count_image_tokens(backbone))
+        num_action_bins=16, num_image_tokens=count_image_tokens(backbone), action_chunk_size=action_chunk_size)
     if fit_actions:
         rng = np.random.default_rng(0)
         actions = np.concatenate([rng.uniform(-1, 1, (200, 3)), rng.choice([-1.0, 1.0], (200, 1))], axis=1)
@@ -262,3 +263,100 @@ def test_world_model_settings_are_checked_before_any_simulator_starts(tmp_path, 
         prepare(_config(tmp_path, policy=str(vla_folder), quantizer=str(tmp_path / "nothing"), seed=1))
     with pytest.raises(ValueError, match="predicts latent actions"):
         prepare(_config(tmp_path, policy="expert", quantizer=str(mismatched)))
+
+
+# -- action chunks ---------------------------------------------------------------------------------------------------
+class CountingPolicy:
+    """A policy wrapper that records the rows of every call."""
+
+    def __init__(self, policy):
+        self.policy, self.calls = policy, []
+        self.name, self.needs_images = policy.name, policy.needs_images
+        self.action_chunk_size = getattr(policy, "action_chunk_size", 1)
+
+    def act(self, images, observations, instructions, tasks):
+        self.calls.append(len(observations))
+        return self.policy.act(images, observations, instructions, tasks)
+
+    def act_chunk(self, images, observations, instructions, tasks):
+        self.calls.append(len(observations))
+        return self.policy.act_chunk(images, observations, instructions, tasks)
+
+
+@pytest.fixture(scope="module")
+def chunked_vla_folder(tmp_path_factory):
+    return _build_vla(tmp_path_factory.mktemp("chunked") / "model", action_chunk_size=4)
+
+
+def test_action_queues_open_loop_and_temporal_ensemble_formula():
+    from training.eval.action_queues import ActionQueues
+
+    chunk = np.arange(12, dtype=np.float32).reshape(4, 3)  # k = 4 actions of 3 values
+    queues = ActionQueues(4, n_action_steps=2)
+    assert queues.needs_policy(0)
+    queues.add(0, chunk)
+    np.testing.assert_array_equal(queues.pop(0), chunk[0])
+    assert not queues.needs_policy(0)
+    np.testing.assert_array_equal(queues.pop(0), chunk[1])
+    assert queues.needs_policy(0)  # n = 2 used up: re-plan
+    queues.add(0, chunk)
+    queues.reset(0)  # a new episode drops what is left
+    assert queues.needs_policy(0)
+    # Temporal ensembling: at step t, the chunks of steps t-3..t each predict step t; w_i = exp(-m i), i = 0 oldest.
+    m = 0.5
+    ensemble = ActionQueues(4, temporal_ensemble=True, ensemble_coefficient=m)
+    chunks = [np.random.default_rng(t).normal(size=(4, 3)).astype(np.float32) for t in range(6)]
+    for t, new in enumerate(chunks):
+        assert ensemble.needs_policy(0)
+        ensemble.add(0, new)
+        issued = list(range(max(0, t - 3), t + 1))  # oldest first
+        weights = np.exp(-m * np.arange(len(issued)))
+        expected = sum(w * chunks[s][t - s] for w, s in zip(weights, issued)) / weights.sum()
+        np.testing.assert_allclose(ensemble.pop(0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunking_vla_is_called_once_per_n_action_steps_and_each_new_episode_replans(chunked_vla_folder):
+    policy = CountingPolicy(load_policy(str(chunked_vla_folder)))
+    assert policy.action_chunk_size == 4
+    # 3 episodes of 5 steps on 2 slots, n = 2: episodes 0 and 1 together (calls at steps 0, 2, 4 on 2 rows), then
+    # episode 2 alone on a fresh queue (its step 0 must not run episode 0's leftover action).
+    result = run_closed_loop(policy, ["reach-v3"], episodes_per_task=3, max_steps=5, batch_size=2, num_workers=2,
+                             videos_per_task=0, progress=False, n_action_steps=2, seed=1)
+    assert [e.steps for e in result.episodes["reach-v3"]] == [5, 5, 5]
+    assert policy.calls == [2, 2, 2, 1, 1, 1]
+    assert result.settings["action_chunk_size"] == 4 and result.settings["n_action_steps"] == 2
+    # Temporal ensembling asks at every step; the default n is k (one call per 4 steps).
+    policy.calls.clear()
+    run_closed_loop(policy, ["reach-v3"], episodes_per_task=1, max_steps=5, batch_size=1, num_workers=1,
+                    videos_per_task=0, progress=False, temporal_ensemble=True, seed=1)
+    assert policy.calls == [1] * 5
+    policy.calls.clear()
+    run_closed_loop(policy, ["reach-v3"], episodes_per_task=1, max_steps=5, batch_size=1, num_workers=1,
+                    videos_per_task=0, progress=False, seed=1)
+    assert policy.calls == [1, 1]
+    with pytest.raises(ValueError, match="n_action_steps=5 exceeds the policy's action_chunk_size=4"):
+        run_closed_loop(policy, ["reach-v3"], episodes_per_task=1, max_steps=5, progress=False, n_action_steps=5)
+
+
+def test_chunk_execution_settings_are_checked_before_any_simulator_starts(tmp_path, chunked_vla_folder):
+    with pytest.raises(ValueError, match="n-action-steps must be an integer >= 1"):
+        _config(tmp_path, policy="expert", n_action_steps=0)
+    with pytest.raises(ValueError, match="temporal-ensemble calls the policy at every step"):
+        _config(tmp_path, policy="expert", temporal_ensemble=True, n_action_steps=2)
+    with pytest.raises(ValueError, match="exceeds the policy's action_chunk_size=1"):
+        prepare(_config(tmp_path, policy="expert", n_action_steps=2))
+    with pytest.raises(ValueError, match="exceeds the policy's action_chunk_size=4"):
+        prepare(_config(tmp_path, policy=str(chunked_vla_folder), n_action_steps=5))
+    assert main(["--policy", "expert", "--tasks", "reach-v3", "--n-action-steps", "3"]) == 2
+    from training.eval.action_queues import ActionQueues
+
+    with pytest.raises(ValueError, match="action_chunk_size must be an integer >= 1"):
+        ActionQueues(0)
+
+
+def test_chunking_vla_in_evaluate_records_its_execution(tmp_path, chunked_vla_folder):
+    info = evaluate(_config(tmp_path, policy=str(chunked_vla_folder), tasks="reach-v3", max_steps=3, batch_size=2,
+                            temporal_ensemble=True))
+    assert info["per_task"][0]["metrics"]["steps"] == [3, 3]
+    assert info["settings"]["temporal_ensemble"] is True and info["settings"]["ensemble_coefficient"] == 0.01
+    assert info["config"]["temporal_ensemble"] is True

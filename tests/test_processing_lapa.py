@@ -533,3 +533,63 @@ def test_processor_bad_inputs_raise_clear_errors(processor):
     processor.fit_action_tokenizer(robot_actions(seed=9), "fractal")
     with pytest.raises(ValueError, match="several datasets.*'bridge', 'fractal'"):
         processor(images=images, text=text, actions=np.zeros((2, 7)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Action chunks (k future actions per example)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def chunk_processor():
+    processor = LAPAProcessor.from_components(
+        build_tiny_tokenizer(), LAPAImageProcessor(size=32), num_image_tokens=NUM_IMAGE_TOKENS, action_chunk_size=3
+    )
+    processor.fit_action_tokenizer(robot_actions(), "bridge", gripper_dims=[6], gripper_threshold=0.5)
+    return processor
+
+
+def test_action_chunks_are_k_times_d_time_major_tokens_that_decode_within_half_a_bin(chunk_processor):
+    processor, k, batch_size = chunk_processor, 3, 32
+    chunks = robot_actions(num_steps=batch_size * k, seed=7).reshape(batch_size, k, 7)
+    batch = processor(images=frames(batch=batch_size), text=["pick"] * batch_size, actions=chunks, dataset="bridge")
+    target_ids = batch["input_ids"][:, -k * 7:]
+    assert (batch["labels"][:, -k * 7:] == target_ids).all() and (batch["labels"][:, :-k * 7] == -100).all()
+    # Time-major: the 7 tokens of step 0, then those of step 1, ...; each step's tokens are what one action gives.
+    single = processor.action_tokenizer.encode(chunks[:, 1], dataset="bridge") + processor.action_token_offset
+    np.testing.assert_array_equal(target_ids[:, 7:14].numpy(), single)
+    assert processor.num_action_tokens("bridge") == k * 7
+
+    decoded = processor.decode_actions(target_ids)
+    assert decoded.dtype == np.float32 and decoded.shape == (batch_size, k, 7)
+    assert processor.decode_actions(target_ids[0]).shape == (k, 7)
+    bins = (target_ids - processor.action_token_offset).numpy().reshape(batch_size, k, 7)
+    widths = processor.action_tokenizer.bin_widths("bridge")
+    for dim in range(6):
+        inside = np.abs(chunks[..., dim]) < 0.1
+        error = np.abs(decoded[..., dim][inside] - chunks[..., dim][inside])
+        assert np.all(error <= widths[dim][bins[..., dim][inside]] / 2 + 1e-6)
+    np.testing.assert_array_equal(decoded[..., 6], chunks[..., 6])
+
+
+def test_action_chunk_size_is_saved_and_old_processors_load_as_one(chunk_processor, processor, tmp_path):
+    chunk_processor.save_pretrained(tmp_path / "chunked")
+    assert json.loads((tmp_path / "chunked" / "processor_config.json").read_text())["action_chunk_size"] == 3
+    assert AutoProcessor.from_pretrained(tmp_path / "chunked").action_chunk_size == 3
+    processor.save_pretrained(tmp_path / "old")
+    config_path = tmp_path / "old" / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("action_chunk_size", None)
+    config_path.write_text(json.dumps(config))
+    assert AutoProcessor.from_pretrained(tmp_path / "old").action_chunk_size == 1
+
+
+def test_action_chunk_shape_errors(chunk_processor, processor):
+    with pytest.raises(ValueError, match=r"actions must have shape \(batch, 3, D\)"):
+        chunk_processor(images=frames(), text=["a", "b"], actions=np.zeros((2, 7), np.float32))
+    with pytest.raises(ValueError, match=r"actions must have shape \(batch, 3, D\)"):
+        chunk_processor(images=frames(), text=["a", "b"], actions=np.zeros((2, 2, 7), np.float32))
+    with pytest.raises(ValueError, match="expected k x D = 21 action tokens"):
+        chunk_processor.decode_actions(np.full((2, 7), chunk_processor.action_token_offset))
+    # k = 1 takes (B, D) as before, and (B, 1, D) as the same target.
+    one = processor(images=frames(), text=["a", "b"], actions=robot_actions(2)[:, None], dataset="bridge")
+    same = processor(images=frames(), text=["a", "b"], actions=robot_actions(2), dataset="bridge")
+    assert torch.equal(one["input_ids"], same["input_ids"])

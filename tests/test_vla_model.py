@@ -301,3 +301,156 @@ def test_config_checks_the_token_layout():
     with pytest.raises(ValueError, match="unsupported backbone family"):
         LAPAConfig(backbone_config={"model_type": "bert"}, latent_token_offset=1, action_token_offset=9,
                    image_token_id=0, num_image_tokens=1)
+
+
+# -- action chunking: k future actions per call ----------------------------------------------------------------------
+CHUNK = 3
+
+
+def build_chunked(family: str = "llava", seed: int = 0, chunk: int = CHUNK):
+    """The tiny model and processor of `build`, predicting `chunk` actions per call."""
+    torch.manual_seed(seed)
+    backbone_config = tiny_backbone_config(family, image_size=32, patch_size=8, hidden_size=64, num_layers=2)
+    processor = LAPAProcessor.from_components(
+        build_tiny_tokenizer(), LAPAImageProcessor(size=32), num_latent_codes=8, latent_sequence_length=4,
+        num_action_bins=16, num_image_tokens=count_image_tokens(backbone_config), action_chunk_size=chunk,
+    )
+    rng = np.random.default_rng(seed)
+    actions = np.concatenate([rng.normal(size=(400, ACTION_DIM - 1)), rng.choice([-1.0, 1.0], size=(400, 1))], axis=1)
+    processor.fit_action_tokenizer(actions.astype(np.float32), dataset="toy", gripper_dims=[ACTION_DIM - 1])
+    config = LAPAConfig.from_processor(backbone_config, processor)
+    assert config.action_chunk_size == chunk
+    model = LAPAForActionPrediction(config).eval()
+    model.processor = processor
+    return model, processor
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def chunked_model(request):
+    return build_chunked(request.param)
+
+
+def chunk_targets(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    chunk = rng.normal(size=(2, CHUNK, ACTION_DIM)).astype(np.float32)
+    chunk[..., -1] = rng.choice([-1.0, 1.0], size=(2, CHUNK))
+    return chunk
+
+
+def test_chunked_loss_is_an_action_block_softmax_at_every_chunk_position(chunked_model):
+    model, processor = chunked_model
+    chunk = chunk_targets()
+    batch = processor(images=images(), text=INSTRUCTIONS, actions=chunk)
+    tokens = CHUNK * ACTION_DIM
+    assert (batch["labels"] != -100).sum(dim=1).tolist() == [tokens, tokens]
+    out = model(**batch)
+    assert out.num_target_tokens.item() == 2 * tokens
+    bins = torch.as_tensor(processor.action_tokenizer.encode(chunk)).reshape(2, tokens)  # time-major
+    ao = model.config.action_token_offset
+    full = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=model._images_for_backbone(batch["pixel_values"]),
+                          position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits
+    expected = F.cross_entropy(full[:, -tokens - 1:-1, ao:ao + 16].reshape(-1, 16), bins.reshape(-1))
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-5)
+    # Logits outside the action block (text, latent rows) change nothing at any of the k x D positions.
+    with torch.no_grad():
+        model.get_output_embeddings().weight[:ao].mul_(3.0)
+    try:
+        torch.testing.assert_close(model(**batch).loss, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            model.get_output_embeddings().weight[:ao].div_(3.0)
+
+
+def test_chunked_cached_decoding_equals_the_full_forward_and_emits_exactly_k_times_d_tokens(chunked_model):
+    model, processor = chunked_model
+    actions, logits = model.predict_action(images(), INSTRUCTIONS, return_logits=True)
+    assert actions.shape == (2, CHUNK, ACTION_DIM) and actions.dtype == np.float32
+    assert logits.shape == (2, CHUNK, ACTION_DIM, 16)
+    chunk, chunk_logits = model.predict_action_chunk(images(), INSTRUCTIONS, return_logits=True)
+    np.testing.assert_array_equal(chunk, actions)
+    torch.testing.assert_close(chunk_logits, logits, rtol=0, atol=0)
+    # Teacher-force the greedy bins through one uncached forward pass: the same logits at all k x D steps.
+    bins = logits.argmax(-1)  # (2, k, D)
+    ao = model.config.action_token_offset
+    ids = (bins + ao).reshape(2, -1)
+    np.testing.assert_array_equal(processor.decode_actions(ids), actions)
+    batch = processor(images=images(), text=INSTRUCTIONS)
+    out = model(input_ids=torch.cat([batch["input_ids"], ids], 1), pixel_values=batch["pixel_values"],
+                attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ids)], 1))
+    uncached = out.logits[:, -CHUNK * ACTION_DIM - 1:-1, ao:ao + 16]
+    torch.testing.assert_close(uncached, logits.reshape(2, -1, 16), rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_batched_prediction_equals_one_at_a_time(chunked_model):
+    model, _ = chunked_model
+    pictures = images()
+    batched, batched_logits = model.predict_action(pictures, INSTRUCTIONS, return_logits=True)
+    for i in range(2):
+        single, single_logits = model.predict_action(pictures[i:i + 1], INSTRUCTIONS[i:i + 1], return_logits=True)
+        torch.testing.assert_close(batched_logits[i:i + 1], single_logits, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(batched[i:i + 1], single)
+
+
+def test_single_step_model_keeps_its_shapes_and_predict_action_chunk_adds_the_axis():
+    model, _ = build("llava")
+    assert model.config.action_chunk_size == 1
+    actions, logits = model.predict_action(images(), INSTRUCTIONS, return_logits=True)
+    chunk, chunk_logits = model.predict_action_chunk(images(), INSTRUCTIONS, return_logits=True)
+    assert actions.shape == (2, ACTION_DIM) and chunk.shape == (2, 1, ACTION_DIM)
+    np.testing.assert_array_equal(chunk[:, 0], actions)
+    assert torch.equal(chunk_logits[:, 0], logits)
+
+
+def test_chunk_size_is_saved_and_a_config_without_it_loads_as_one(tmp_path):
+    model, processor = build_chunked("llava")
+    model.save_pretrained(tmp_path / "chunked")
+    processor.save_pretrained(tmp_path / "chunked")
+    assert json.loads((tmp_path / "chunked" / "config.json").read_text())["action_chunk_size"] == CHUNK
+    loaded = AutoModel.from_pretrained(tmp_path / "chunked").eval()
+    assert loaded.config.action_chunk_size == CHUNK and loaded.processor.action_chunk_size == CHUNK
+    np.testing.assert_array_equal(loaded.predict_action(images(), INSTRUCTIONS),
+                                  model.predict_action(images(), INSTRUCTIONS))
+    saved = json.loads((tmp_path / "chunked" / "config.json").read_text())
+    del saved["action_chunk_size"]
+    assert LAPAConfig.from_dict(saved).action_chunk_size == 1
+
+
+def test_chunk_size_mismatch_and_bad_values_give_clear_errors(tmp_path):
+    model, _ = build_chunked("llava")
+    _, single_step_processor = build("llava")
+    with pytest.raises(ValueError, match=r"processor's action_chunk_size \(1\) differs from the model's"):
+        model.predict_action(images(), INSTRUCTIONS, processor=single_step_processor)
+    model.save_pretrained(tmp_path)
+    single_step_processor.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="action_chunk_size"):
+        AutoModel.from_pretrained(tmp_path)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="action_chunk_size must be"):
+            LAPAConfig(action_chunk_size=bad)
+    with pytest.raises(ValueError, match="action_chunk_size must be an int >= 1"):
+        LAPAProcessor.from_components(build_tiny_tokenizer(), LAPAImageProcessor(size=32), num_image_tokens=16,
+                                      num_action_bins=16, action_chunk_size=0)
+
+
+def test_a_chunking_lora_adapter_on_a_single_step_base_merges_with_the_adapters_k(tmp_path):
+    # finetune.py --lora --init-from <single-step or latent model> --action-chunk-size 3: the base folder's config
+    # says k = 1, the adapter's processor says 3; the merged checkpoint predicts 3 actions.
+    from training.merge_lora import merge_lora
+    from training.vla_training import VLATrainingConfig, apply_lora
+
+    model, processor = build("llava")
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    model.config.action_chunk_size = processor.action_chunk_size = CHUNK  # what build_processor_and_model does
+    peft_model = apply_lora(model, VLATrainingConfig(dataset=["x"], lora_rank=4, lora_alpha=8))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    processor.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    merge_lora(adapter, tmp_path / "merged")
+    merged = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.action_chunk_size == CHUNK
+    assert merged.predict_action(images(), INSTRUCTIONS).shape == (2, CHUNK, ACTION_DIM)

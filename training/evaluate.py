@@ -15,6 +15,9 @@ Episodes start from initial states no training episode used: episode k of each t
 Meta-World's success or after `--max-steps` (default 200: the scripted expert's slowest success on 200 MT10
 episodes was step 139). `--batch-size` environments (in `--num-workers` simulator processes) are stepped together,
 one policy call per control step on the whole batch; a finished episode's place takes the next pending one.
+A VLA trained with `--action-chunk-size k` predicts k actions per call: they run open loop, `--n-action-steps n`
+(default k) per call before it is asked again, or with `--temporal-ensemble` (ACT's: a call every step, the
+overlapping predictions for the current step averaged with weights exp(-0.01 i), i = 0 for the oldest).
 
 Writes `<output-dir>/eval_info.json` (LeRobot's multi-task layout: per_task / per_group / overall, plus Wilson
 intervals `pc_success_ci95`, episode seeds and steps, the policy, settings and versions), `videos/<task>/
@@ -95,6 +98,12 @@ class EvaluationConfig:
         "init_from when its training record names one, else the policy)"))
     imagine_steps: int = field(default=16, metadata=_help(
         "with --quantizer: most gaps imagined per episode (fewer when the real episode ends sooner; default: 16)"))
+    n_action_steps: int | None = field(default=None, metadata=_help(
+        "a chunking VLA (k actions per call): run n <= k of each chunk's actions open loop, then call it again "
+        "(default: k; 1 re-plans every step)"))
+    temporal_ensemble: bool = field(default=False, metadata=_help(
+        "a chunking VLA: call it every step and execute the average of its overlapping predictions for the step, "
+        "weights exp(-0.01 i) with i = 0 the oldest (ACT's temporal ensembling)"))
     device: str = field(default="auto", metadata=_help("torch device of the policy: auto (cuda if any), cpu, cuda"))
     progress: bool = field(default=True, metadata=_help("progress bar over the episodes"))
 
@@ -117,12 +126,15 @@ class EvaluationConfig:
             raise ValueError("--quantizer imagines the first episode of each task beside its video: give "
                              "--videos-per-task >= 1")
         for name, low in (("episodes_per_task", 1), ("max_steps", 1), ("batch_size", 1), ("num_workers", 1),
-                          ("videos_per_task", 0), ("image_size", 8), ("seed", 0), ("imagine_steps", 1)):
+                          ("videos_per_task", 0), ("image_size", 8), ("seed", 0), ("imagine_steps", 1),
+                          ("n_action_steps", 1)):
             value = getattr(self, name)
-            if value is None and name in ("num_workers", "image_size"):
+            if value is None and name in ("num_workers", "image_size", "n_action_steps"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if self.temporal_ensemble and self.n_action_steps not in (None, 1):
+            raise ValueError("--temporal-ensemble calls the policy at every step: leave --n-action-steps unset")
         resolve_task_names(self.tasks)  # an unknown task is an error now, before any simulator starts
         if self.camera is not None and self.camera not in CAMERA_NAMES:
             raise ValueError(f"unknown --camera {self.camera!r}; Meta-World's cameras: {', '.join(CAMERA_NAMES)}")
@@ -157,7 +169,8 @@ def prepare(config: EvaluationConfig) -> dict:
     """Everything checked before a simulator starts: tasks, seeds, the policy's observation settings and training
     seeds, the output folder; then the policy itself. ValueError / FileExistsError with the reason."""
     from training.envs.eval_episodes import evaluation_seeds
-    from training.eval.closed_loop import load_policy
+    from training.eval.action_queues import check_chunk_execution
+    from training.eval.closed_loop import chunk_size_of, load_policy
     from training.eval.policy_data import observation_settings, recorded_observation_settings, training_record
 
     tasks = resolve_task_names(config.tasks)
@@ -183,6 +196,7 @@ def prepare(config: EvaluationConfig) -> dict:
                               "--overwrite to replace it, or another folder")
     device = _device(config.device)
     policy = load_policy(config.policy, device=device, dataset=(record or {}).get("dataset_key"))
+    check_chunk_execution(chunk_size_of(policy), config.n_action_steps, config.temporal_ensemble)
     if not reference and settings["source"] != "given" and not settings["source"].endswith("info.json"):
         _unknown_training_data_fallback(policy, config, settings)
     world_model = None if config.quantizer is None else load_world_model(config, record, device)
@@ -261,7 +275,8 @@ def evaluate(config: EvaluationConfig) -> dict:
         result = run_closed_loop(
             setup["policy"], setup["tasks"], episodes_per_task=config.episodes_per_task, max_steps=config.max_steps,
             seed=config.seed, camera=settings["camera"], image_size=settings["image_size"], batch_size=batch_size,
-            num_workers=num_workers, videos_per_task=config.videos_per_task, progress=config.progress)
+            num_workers=num_workers, videos_per_task=config.videos_per_task, progress=config.progress,
+            n_action_steps=config.n_action_steps, temporal_ensemble=config.temporal_ensemble)
     finally:
         _set_threads(None, threads)  # as before: evaluate() may be called from a program with its own setting
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,9 @@ def load_lora_model(adapter: str | Path, base: str | Path | None = None):
     model = LAPAForActionPrediction.from_pretrained(base, load_processor=False)
     peft_model = PeftModel.from_pretrained(model, str(adapter))
     processor = AutoProcessor.from_pretrained(str(adapter))
+    # The chunk size travels with the adapter's processor: a run with --action-chunk-size k from a single-step (or
+    # latent-pretrained) --init-from model trained k-action chunks on a base whose saved config still says 1.
+    model.config.action_chunk_size = getattr(processor, "action_chunk_size", 1)
     model.processor = processor
     return peft_model, processor
 

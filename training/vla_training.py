@@ -61,6 +61,9 @@ class VLATrainingConfig:
     num_action_bins: int = 256
     gripper_dims: list = field(default_factory=list)  # binary gripper action dimensions
     prompt_template: str | None = None  # default: "What action should the robot take to {instruction}?"
+    # k future actions per prediction (action chunking; target="action"): the target of frame t is actions t..t+k-1
+    # (the last one repeated past the episode's end), k x D tokens; recorded in the model's config and processor
+    action_chunk_size: int = 1
     # data
     dataset: list = field(default_factory=list)  # LeRobot dataset folders or Hub repo ids
     camera_key: str | None = None
@@ -163,12 +166,14 @@ def validate_config(c: VLATrainingConfig) -> None:
     if c.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {c.lr_schedule!r}")
     for name in ("batch_size", "max_steps", "save_every", "eval_every", "log_every", "gradient_accumulation_steps",
-                 "frame_stride"):
+                 "frame_stride", "action_chunk_size"):
         if int(getattr(c, name)) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
     unknown_tiny = sorted(set(c.tiny) - set(TINY_BACKBONE_SIZES))
     if unknown_tiny:
         raise ValueError(f"Unknown tiny backbone setting(s) {unknown_tiny}; valid: {sorted(TINY_BACKBONE_SIZES)}")
+    if c.action_chunk_size > 1 and c.target != "action":
+        raise ValueError(f"action_chunk_size={c.action_chunk_size} needs target='action' (finetuning on actions)")
     if c.target == "action" and c.streaming:
         pass  # the action statistics are fitted from the parquet columns, which streaming does not need to decode
 
@@ -195,6 +200,10 @@ def build_processor_and_model(c: VLATrainingConfig, num_latent_codes: int, laten
         if model.config.num_action_bins != c.num_action_bins and c.target == "action":
             raise ValueError(f"{c.init_from} has {model.config.num_action_bins} action bins, the run asks for "
                              f"{c.num_action_bins}")
+        if c.target == "action":
+            # The chunk size is only the length of the action block: a latent-pretrained (or single-step) model
+            # learns to predict k actions from here on, and its config and processor record the new k.
+            model.config.action_chunk_size = model.processor.action_chunk_size = c.action_chunk_size
         return model.processor, model
     if c.backbone in TINY_BACKBONES:
         sizes = {**TINY_BACKBONE_SIZES, **c.tiny}
@@ -202,7 +211,8 @@ def build_processor_and_model(c: VLATrainingConfig, num_latent_codes: int, laten
         processor = LAPAProcessor.from_components(
             build_tiny_tokenizer(), LAPAImageProcessor(size=sizes["image_size"]),
             num_latent_codes=num_latent_codes, latent_sequence_length=latent_sequence_length,
-            num_action_bins=c.num_action_bins, num_image_tokens=count_image_tokens(backbone_config), **prompt,
+            num_action_bins=c.num_action_bins, num_image_tokens=count_image_tokens(backbone_config),
+            action_chunk_size=c.action_chunk_size, **prompt,
         )
         config = LAPAConfig.from_processor(backbone_config, processor, freeze_vision_encoder=c.freeze_vision_encoder)
         config._attn_implementation = c.attn_implementation
@@ -227,7 +237,7 @@ def build_processor_and_model(c: VLATrainingConfig, num_latent_codes: int, laten
     processor = LAPAProcessor.from_components(
         tokenizer, image_processor, num_latent_codes=num_latent_codes, latent_sequence_length=latent_sequence_length,
         num_action_bins=c.num_action_bins, num_image_tokens=count_image_tokens(backbone_config),
-        image_token=image_token, **prompt,
+        image_token=image_token, action_chunk_size=c.action_chunk_size, **prompt,
     )
     model = LAPAForActionPrediction.from_backbone(c.backbone, processor, freeze_vision_encoder=c.freeze_vision_encoder,
                                                   attn_implementation=c.attn_implementation)
@@ -310,7 +320,8 @@ def load_frames(c: VLATrainingConfig) -> VLAFrames:
         raise ValueError("one --dataset per run for now (mix datasets by labelling them into one LeRobot dataset)")
     source = load_lerobot_dataset(c.dataset[0], skip_corrupt=c.skip_corrupt)
     train_eps, eval_eps = split_dataset_episodes(source, c, 0)
-    kwargs = dict(target=c.target, camera_key=c.camera_key, frame_stride=c.frame_stride, skip_corrupt=c.skip_corrupt)
+    kwargs = dict(target=c.target, camera_key=c.camera_key, frame_stride=c.frame_stride, skip_corrupt=c.skip_corrupt,
+                  action_chunk_size=c.action_chunk_size if c.target == "action" else 1)
     set_seed(c.seed)
     return VLAFrames(source, dataset_key(c.dataset[0]), train_eps, eval_eps,
                      VLAFrameDataset(source, episodes=train_eps, episode_cache_size=len(train_eps), **kwargs),
@@ -339,10 +350,13 @@ def build_for_frames(c: VLATrainingConfig, frames: VLAFrames):
     frames.train.image_size = frames.heldout.image_size = (
         size if isinstance(size, int) else size.get("height", size.get("shortest_edge")))
     if c.target == "action":
-        # Bin statistics fitted on the training split only, stored in the processor under the dataset's name.
+        # Bin statistics fitted on the training split only (one row per served frame: the repeated actions at the
+        # ends of chunks would weigh the last action more), stored in the processor under the dataset's name.
         actions = frames.train.all_actions()
         processor.fit_action_tokenizer(actions, dataset=frames.name, gripper_dims=c.gripper_dims or None)
-        frames.train_targets = processor.action_tokenizer.encode(actions, dataset=frames.name)
+        # The baseline's targets: the k x D tokens of every training frame's chunk (time-major, as in the prompt).
+        chunks = frames.train.all_action_chunks()
+        frames.train_targets = processor.action_tokenizer.encode(chunks, dataset=frames.name).reshape(len(chunks), -1)
     return processor, model
 
 

@@ -11,6 +11,7 @@ An item is a dict:
     instruction      str, the LeRobot task of the frame
     latent_codes     (s,) int64 codes in [0, |C|)                 (target="latent")
     action           (D,) float32                                   (target="action")
+                     (k, D) float32 with `action_chunk_size=k` > 1: the actions of frames t ... t+k-1
     episode_index, frame_index   int
 
 `VLAFrameDataset` serves torch tensors; `make_streaming_vla_frames` serves numpy arrays (`datasets`' own
@@ -46,6 +47,13 @@ def _as_rows(values: np.ndarray) -> np.ndarray:
     return values.reshape(len(values), -1)
 
 
+def action_chunks(actions: np.ndarray, chunk_size: int) -> np.ndarray:
+    """One episode's actions (T, D) -> the chunk of every frame (T, k, D): row t holds actions t ... t+k-1, and
+    indices past the last frame repeat the last action (see `VLAFrameDataset`'s `action_chunk_size`)."""
+    steps = np.minimum(np.arange(len(actions))[:, None] + np.arange(chunk_size)[None, :], len(actions) - 1)
+    return actions[steps]
+
+
 class VLAFrameDataset(EpisodeFrameDataset):
     """Map-style frames of one camera of a LeRobot dataset, each with its instruction and target.
 
@@ -60,6 +68,12 @@ class VLAFrameDataset(EpisodeFrameDataset):
         skip_corrupt: leave out empty episodes (recorded in `.skipped`), and in the stream episodes whose video
             fails to decode, instead of raising; None -> the source's setting.
         frame_stride: serve frames 0, k, 2k, ... of each episode (consecutive frames are near duplicates).
+        action_chunk_size: k (target="action" only): the target of frame t is the chunk of the episode's actions
+            at frames t, t+1, ..., t+k-1 ((k, D); consecutive control steps whatever the `frame_stride`). Past the
+            episode's last frame the chunk repeats the last action: the policy learns to hold its final command
+            rather than to predict the next episode. (LeRobot's ACT and diffusion policies pad and mask the loss
+            instead; repeating keeps every target a real, fully supervised action, and the training, the held-out
+            metrics and the processor need no mask.) 1 (default) gives (D,) targets, exactly as before.
 
     Attributes:
         episode_indices: episodes that serve at least one frame, in order.
@@ -81,9 +95,15 @@ class VLAFrameDataset(EpisodeFrameDataset):
         episode_cache_size: int = 2,
         skip_corrupt: bool | None = None,
         frame_stride: int = 1,
+        action_chunk_size: int = 1,
     ):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if isinstance(action_chunk_size, bool) or int(action_chunk_size) != action_chunk_size or action_chunk_size < 1:
+            raise ValueError(f"action_chunk_size must be a positive integer, got {action_chunk_size!r}")
+        if action_chunk_size > 1 and target != "action":
+            raise ValueError(f"action_chunk_size={action_chunk_size} needs target='action' (chunks of robot actions); "
+                             "latent targets are one latent action per frame")
         if int(frame_stride) != frame_stride or frame_stride < 1:
             raise ValueError(f"frame_stride must be a positive integer, got {frame_stride!r}")
         super().__init__(
@@ -93,6 +113,7 @@ class VLAFrameDataset(EpisodeFrameDataset):
         self.target = target
         self.latent_key = LATENT_ACTION_KEY
         self.frame_stride = int(frame_stride)
+        self.action_chunk_size = int(action_chunk_size)
         selected = self._select_episodes(episodes)
 
         # The target column must exist before anything else is worth checking.
@@ -157,9 +178,13 @@ class VLAFrameDataset(EpisodeFrameDataset):
 
     # -- targets and instructions, read from the parquet columns (no video) --------------------------------
     def episode_targets(self, episode_index: int) -> np.ndarray:
-        """Targets of every frame of an episode (not only the served ones): (T, s) int64 or (T, D) float32."""
+        """Targets of every frame of an episode (not only the served ones): (T, s) int64 or (T, D) float32, or
+        (T, k, D) float32 action chunks when `action_chunk_size` k > 1 (the last action repeated past the end)."""
         values = _as_rows(self.source.episode_column(episode_index, self._target_key))
-        return values.astype(np.int64 if self.target == "latent" else np.float32, copy=False)
+        values = values.astype(np.int64 if self.target == "latent" else np.float32, copy=False)
+        if self.target == "action" and self.action_chunk_size > 1:
+            values = action_chunks(values, self.action_chunk_size)
+        return values
 
     def _served_column(self, name: str, dtype) -> np.ndarray:
         if not self._has_column(name, self.episode_indices):
@@ -176,6 +201,17 @@ class VLAFrameDataset(EpisodeFrameDataset):
         training split. Works with either target, as long as the dataset has actions.
         """
         return self._served_column(ACTION_KEY, np.float32)
+
+    def all_action_chunks(self) -> np.ndarray:
+        """The action chunk of every served frame, in item order: (N, k, D) float32 (k = `action_chunk_size`, 1
+        included), the last action repeated past an episode's end; what the majority baseline reads."""
+        if not self._has_column(ACTION_KEY, self.episode_indices):
+            raise KeyError(f"{getattr(self.source, 'root', self.source)}: the dataset has no {ACTION_KEY!r} column")
+        parts = [action_chunks(_as_rows(self.source.episode_column(e, ACTION_KEY)).astype(np.float32, copy=False),
+                               self.action_chunk_size)[self._frames[e]] for e in self.episode_indices]
+        if not parts:
+            return np.zeros((0, self.action_chunk_size, 0), dtype=np.float32)
+        return np.concatenate(parts)
 
     def all_latent_codes(self) -> np.ndarray:
         """The `latent_action` of every served frame, in item order: (N, s) int64. With target="action"
@@ -255,7 +291,7 @@ class VLAFrameDataset(EpisodeFrameDataset):
         return [
             f"target={self.target!r}", f"camera={self.camera_key!r}", f"image_size={self.image_size}",
             f"frame_stride={self.frame_stride}", f"unlabelled_frames={self.num_unlabelled_frames}",
-        ]
+        ] + ([f"action_chunk_size={self.action_chunk_size}"] if self.action_chunk_size > 1 else [])
 
 
 # -- streaming ---------------------------------------------------------------------------------------------
@@ -280,7 +316,7 @@ def collate_vla_frames(items: list[dict]) -> dict:
         image           (B, H, W, 3) uint8 tensor, channels-last
         instruction     list of B str
         latent_codes    (B, s) int64 tensor      (when the items carry latent codes)
-        action          (B, D) float32 tensor    (when the items carry actions)
+        action          (B, D) float32 tensor    (when the items carry actions; (B, k, D) for action chunks)
         episode_index, frame_index   (B,) int64 tensors
 
     Feed it to the processor as `processor(images=batch["image"].numpy(), text=batch["instruction"],

@@ -20,6 +20,13 @@
   one: steps + 1 frames); `ClosedLoopResult.first_episode_frames` gives each task's first episode, for videos and for
   a world model's imagined rollout beside the real one.
 
+* **Action chunks.** A policy with `action_chunk_size` k > 1 (a chunking VLA) also has `act_chunk(...) -> (B, k,
+  4)`. Its chunks run open loop, `n_action_steps` (default k) actions per call, or with ACT's temporal ensembling
+  (`temporal_ensemble=True`: a call every step, overlapping predictions averaged); per-slot queues
+  (`training.eval.action_queues.ActionQueues`) keep the batch batched: each step the policy is called once, on the
+  slots whose queue is empty (all slots for ensembling), and a slot that starts a new episode starts with an empty
+  queue. k = 1 is the plain loop: one call per step on every slot.
+
 The environments run in worker processes (`training.envs.sim_workers`); the policy runs here, between their steps.
 """
 
@@ -45,6 +52,7 @@ from training.envs.eval_episodes import (  # noqa: E402
 )
 from training.envs.metaworld_tasks import task_instruction  # noqa: E402
 from training.envs.sim_workers import SimWorkers  # noqa: E402
+from training.eval.action_queues import ActionQueues, DEFAULT_ENSEMBLE_COEFFICIENT  # noqa: E402
 
 #: Action size of Meta-World (hand displacement x, y, z and gripper effort).
 ACTION_DIM = 4
@@ -95,8 +103,14 @@ class ExpertPolicy:
         return actions
 
 
+def chunk_size_of(policy) -> int:
+    """k, the actions one call of `policy` predicts (`act_chunk`); 1 for a policy without `action_chunk_size`."""
+    return int(getattr(policy, "action_chunk_size", 1))
+
+
 class VLAPolicy:
-    """A finetuned `LAPAForActionPrediction` (with its processor): one `predict_action` call per control step.
+    """A finetuned `LAPAForActionPrediction` (with its processor): one `predict_action` call per control step, or
+    for a chunking model (`action_chunk_size` k > 1) one `predict_action_chunk` call per chunk (`act_chunk`).
 
     Args:
         path: the model folder or Hub id (`from_pretrained`).
@@ -123,9 +137,18 @@ class VLAPolicy:
         action_dim = tokenizer.action_dim(self.dataset)
         if action_dim != ACTION_DIM:
             raise ValueError(f"{path} predicts {action_dim}-D actions; Meta-World takes {ACTION_DIM}-D actions")
+        self.action_chunk_size = int(self.model.config.action_chunk_size)
 
     def act(self, images, observations, instructions, tasks) -> np.ndarray:
+        """The next action of every row (B, 4); for a chunking model the first action of its chunk."""
+        if self.action_chunk_size > 1:
+            return self.act_chunk(images, observations, instructions, tasks)[:, 0]
         actions = self.model.predict_action(images, list(instructions), dataset=self.dataset)
+        return np.asarray(actions, dtype=np.float32)
+
+    def act_chunk(self, images, observations, instructions, tasks) -> np.ndarray:
+        """The next k actions of every row (B, k, 4)."""
+        actions = self.model.predict_action_chunk(images, list(instructions), dataset=self.dataset)
         return np.asarray(actions, dtype=np.float32)
 
 
@@ -251,20 +274,33 @@ def _start_episodes(sims: SimWorkers, running: dict[int, _Running], pending: _Ep
             episode.frames.append(outcome["image"])
 
 
-def _policy_step(policy: Policy, running: dict[int, _Running]) -> dict[int, np.ndarray]:
-    """One policy call on every running slot: {slot: action (4,)}."""
-    slots = sorted(running)
+def _policy_step(policy: Policy, running: dict[int, _Running], slots: list[int]) -> dict[int, np.ndarray]:
+    """One policy call on the running `slots`: {slot: chunk (k, 4)} (k = 1: `act`, else `act_chunk`)."""
     episodes = [running[slot] for slot in slots]
     images = np.stack([ep.image for ep in episodes]) if policy.needs_images else None
     observations = np.stack([ep.observation for ep in episodes])
-    actions = np.asarray(policy.act(images, observations, [task_instruction(ep.task) for ep in episodes],
-                                    [ep.task for ep in episodes]), dtype=np.float32)
-    if actions.shape != (len(slots), ACTION_DIM):
-        raise ValueError(f"policy {policy.name} returned actions of shape {actions.shape}, expected "
-                         f"({len(slots)}, {ACTION_DIM})")
+    arguments = (images, observations, [task_instruction(ep.task) for ep in episodes], [ep.task for ep in episodes])
+    k = chunk_size_of(policy)
+    if k == 1:
+        actions = np.asarray(policy.act(*arguments), dtype=np.float32)
+        expected = (len(slots), ACTION_DIM)
+    else:
+        actions = np.asarray(policy.act_chunk(*arguments), dtype=np.float32)
+        expected = (len(slots), k, ACTION_DIM)
+    if actions.shape != expected:
+        raise ValueError(f"policy {policy.name} returned actions of shape {actions.shape}, expected {expected}")
     if not np.isfinite(actions).all():
         raise ValueError(f"policy {policy.name} returned non-finite actions")
-    return dict(zip(slots, actions))
+    return dict(zip(slots, actions.reshape(len(slots), k, ACTION_DIM)))
+
+
+def _next_actions(policy: Policy, running: dict[int, _Running], queues: ActionQueues) -> dict[int, np.ndarray]:
+    """{slot: the action (4,) it executes now}, calling the policy once on the slots whose queue needs a chunk."""
+    asking = [slot for slot in sorted(running) if queues.needs_policy(slot)]
+    if asking:
+        for slot, chunk in _policy_step(policy, running, asking).items():
+            queues.add(slot, chunk)
+    return {slot: queues.pop(slot) for slot in sorted(running)}
 
 
 def _check_run_settings(tasks: Sequence[str], batch_size: int, num_workers: int, max_steps: int,
@@ -281,16 +317,22 @@ def _check_run_settings(tasks: Sequence[str], batch_size: int, num_workers: int,
 
 def run_closed_loop(policy: Policy, tasks: Sequence[str], *, episodes_per_task: int, max_steps: int = DEFAULT_MAX_STEPS,
                     seed: int = 0, camera: str = "corner", image_size: int = 64, batch_size: int = 10,
-                    num_workers: int | None = None, videos_per_task: int = 1, progress: bool = True
-                    ) -> ClosedLoopResult:
+                    num_workers: int | None = None, videos_per_task: int = 1, progress: bool = True,
+                    n_action_steps: int | None = None, temporal_ensemble: bool = False,
+                    ensemble_coefficient: float = DEFAULT_ENSEMBLE_COEFFICIENT) -> ClosedLoopResult:
     """Runs `episodes_per_task` episodes of each task (full Meta-World names) with `policy`, `batch_size` at a time
     in `num_workers` simulator processes (default: one per CPU, at most `batch_size`).
+
+    A chunking policy's chunks run `n_action_steps` actions per call (default: its chunk size k), or with
+    `temporal_ensemble` (a call every step, predictions averaged with weights exp(-ensemble_coefficient * i)); see
+    `training.eval.action_queues`. Both are checked against k before any simulator starts.
 
     Each task's episodes start in index order, so its first ones (kept as videos) start first. The results do not
     depend on the batch size or the number of workers: each episode is a deterministic function of its seed and the
     policy, as long as the policy acts on each row independently.
     """
     _check_run_settings(tasks, batch_size, num_workers or 1, max_steps, videos_per_task, image_size)
+    queues = ActionQueues(chunk_size_of(policy), n_action_steps, temporal_ensemble, ensemble_coefficient)
     seeds = evaluation_seeds(seed, episodes_per_task)
     pending = _EpisodeQueue([_Running(task, k, s, keep_frames=k < videos_per_task) for task in tasks
                              for k, s in enumerate(seeds)])
@@ -310,7 +352,7 @@ def run_closed_loop(policy: Policy, tasks: Sequence[str], *, episodes_per_task: 
         _start_episodes(sims, running, pending, last_task, policy.needs_images)
         while running:
             tick = time.perf_counter()
-            actions = _policy_step(policy, running)
+            actions = _next_actions(policy, running, queues)
             policy_s += time.perf_counter() - tick
             render = {slot: policy.needs_images or running[slot].keep_frames for slot in actions}
             outcomes = sims.run({slot: ("step", action, render[slot]) for slot, action in actions.items()})
@@ -323,6 +365,7 @@ def run_closed_loop(policy: Policy, tasks: Sequence[str], *, episodes_per_task: 
                     episode.frames.append(outcome["image"])
                 if episode.success or len(episode.rewards) >= max_steps:
                     episodes[episode.task].append(running.pop(slot).finish())
+                    queues.reset(slot)  # the slot's next episode must not run this one's remaining actions
                     successes, finished = successes + episode.success, finished + 1
                     bar.update(1)
                     bar.set_postfix(success=f"{successes / finished:.0%}")
@@ -331,7 +374,10 @@ def run_closed_loop(policy: Policy, tasks: Sequence[str], *, episodes_per_task: 
     for task_episodes in episodes.values():
         task_episodes.sort(key=lambda ep: ep.index)
     settings = dict(seed=seed, max_steps=max_steps, camera=camera, image_size=image_size, batch_size=batch_size,
-                    num_workers=num_workers, videos_per_task=videos_per_task, episodes_per_task=episodes_per_task)
+                    num_workers=num_workers, videos_per_task=videos_per_task, episodes_per_task=episodes_per_task,
+                    action_chunk_size=queues.chunk_size, n_action_steps=queues.n_action_steps,
+                    temporal_ensemble=queues.temporal_ensemble,
+                    ensemble_coefficient=queues.ensemble_coefficient if queues.temporal_ensemble else None)
     return ClosedLoopResult(list(tasks), episodes, time.perf_counter() - start, settings, policy_s)
 
 
@@ -346,6 +392,7 @@ __all__ = [
     "REFERENCE_POLICIES",
     "VLAPolicy",
     "ZeroPolicy",
+    "chunk_size_of",
     "evaluation_seeds",
     "load_policy",
     "run_closed_loop",

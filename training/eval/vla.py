@@ -7,7 +7,9 @@
 Teacher-forced: the model sees the prompt and the true target tokens before each position and predicts the next
 one, each target a softmax over its own block of the vocabulary (the latent codes, or the action bins). The
 baseline predicts, at every position, the most frequent training token of that position; for actions, the L1
-error of the greedy decoded actions is reported beside that of the majority bins' actions.
+error of the greedy decoded actions is reported beside that of the majority bins' actions. With action chunks (k > 1)
+the positions are the k x D tokens of the chunk (time-major), so the accuracy counts every token of the chunk and the
+baseline has its own majority bin for each (step, dimension); the L1 errors average over the whole chunk.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def evaluate_vla(
         if target == "action":
             predicted_actions = processor.decode_actions((predicted + offset).cpu().numpy(), dataset=dataset)
             true_actions.append(np.stack([np.asarray(item["action"]) for item in items]))
-            l1.append(np.abs(predicted_actions - true_actions[-1]).mean(axis=1))
+            # (B, D), or (B, k, D) chunks: the mean over every action value of the example.
+            l1.append(np.abs(predicted_actions - true_actions[-1]).reshape(len(items), -1).mean(axis=1))
     model.train()
     eval_targets = np.concatenate(eval_targets)
     # The majority baseline, computed once for the accuracies and the action L1.
