@@ -39,9 +39,11 @@ STARTUP_TIMEOUT_S = 120
 WINDOW = (1280, 1600)  # the screenshot's width, height
 # The server runs with the warnings the test run turns into errors (pyproject.toml) as errors too, so that a
 # deprecation our app triggers fails here. Ignored: gradio 6.31's own queue statistics
-# (gradio/queueing.py, compute_analytics_summary) set pandas' deprecated 'future.no_silent_downcasting' option.
+# (gradio/queueing.py, compute_analytics_summary) set pandas' deprecated 'future.no_silent_downcasting' option, and
+# on NumPy < 2 its image postprocessing (gradio/processing_utils.py) probes the deprecated alias `np.bool8`.
 SERVER_WARNINGS = ("error::DeprecationWarning,error::FutureWarning,"
-                   "ignore:'future.no_silent_downcasting' is deprecated")
+                   "ignore:'future.no_silent_downcasting' is deprecated,"
+                   "ignore:`np.bool8` is a deprecated alias")
 
 
 def _free_port() -> int:

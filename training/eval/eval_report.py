@@ -125,7 +125,9 @@ def plot_success_per_task(eval_info: dict, path: str | Path, title: str = "") ->
     errors = np.stack([rates - intervals[:, 0], intervals[:, 1] - rates]).clip(min=0)
     overall = eval_info["overall"]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(tasks) + 2), 4))
-    ax.bar(range(len(tasks)), rates, yerr=errors, capsize=3, color="tab:blue", ecolor="black")
+    # yerr as nested lists: matplotlib 3.10 probes the first element of a (2, n) array with math.isfinite, a NumPy 1.25+
+    # deprecation (an array of ndim > 0 taken as a scalar) that fails the test run at the oldest supported releases.
+    ax.bar(range(len(tasks)), rates, yerr=errors.tolist(), capsize=3, color="tab:blue", ecolor="black")
     low, high = overall["pc_success_ci95"]
     ax.axhline(overall["pc_success"], color="tab:red", linestyle="--",
                label=f"overall {overall['pc_success']:.1f}% (95% CI {low:.1f}-{high:.1f}, n={overall['n_episodes']})")
