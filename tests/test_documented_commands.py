@@ -147,3 +147,15 @@ def test_streaming_is_a_bare_flag_with_its_negation(module_name):
     assert parser.parse_args(["--dataset", "d"]).streaming is None  # not given: the preset decides
     resolve = RESOLVERS[module_name]
     assert resolve(None, ["--dataset", "d", "--streaming"]).streaming is True
+
+
+@pytest.mark.parametrize("given, expected", [("3", [3]), ("[3]", [3]), ("0,3", [0, 3]), ("[0, 3]", [0, 3])])
+def test_a_list_setting_takes_one_value_or_a_list(given, expected):
+    """`--gripper-dims 3` once reached the action tokenizer as the int 3 and failed there with a TypeError."""
+    config = RESOLVERS["training.finetune"](None, ["--dataset", "d", "--gripper-dims", given])
+    assert config.gripper_dims == expected
+
+
+def test_a_list_setting_refuses_a_mapping():
+    with pytest.raises(ValueError, match="gripper_dims.*must be a list"):
+        RESOLVERS["training.finetune"](None, ["--dataset", "d", "--gripper-dims", "{a: 1}"])

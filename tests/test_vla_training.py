@@ -233,3 +233,21 @@ def test_chunked_finetuning_predicts_k_actions_and_records_k(dataset, tmp_path):
         resolve_config("pretrain", ["--dataset", str(dataset), "--action-chunk-size", "2"])
     with pytest.raises(ValueError, match="action_chunk_size must be >= 1"):
         resolve_config("finetune", ["--dataset", str(dataset), "--action-chunk-size", "0"])
+
+
+def test_finetuning_stops_once_the_training_accuracy_reaches_the_target(dataset, tmp_path):
+    """The paper's rule ("finetune until the training action accuracy reaches 95%"): the run ends at the first log
+    line at or above the target, saves a checkpoint and the model there, and records that it stopped early."""
+    out = tmp_path / "early"
+    argv = common(dataset, out, 200) + ["--save-every", "200", "--eval-every", "200", "--num-action-bins", "16",
+                                        "--learning-rate", "3e-3", "--stop-at-train-accuracy", "0.7"]
+    result = run("finetune", argv)
+    assert result["step"] < 200 and result["step"] % 5 == 0
+    assert result["history"][-1]["token_accuracy"] >= 0.7 > result["history"][-2]["token_accuracy"]
+    training = json.loads((out / "eval_metrics.json").read_text())["training"]
+    assert training == {"steps": result["step"], "stopped_early": True,
+                        "final_train_token_accuracy": result["history"][-1]["token_accuracy"]}
+    assert (out / "checkpoints" / f"step-{result['step']}").is_dir()
+    assert result["eval"]["step"] == result["step"] and (out / "model" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="stop_at_train_accuracy"):
+        resolve_config("finetune", common(dataset, tmp_path / "x", 5) + ["--stop-at-train-accuracy", "1.5"])

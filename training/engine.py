@@ -72,6 +72,11 @@ class TrainingStage:
     def after_step(self, step: int, output) -> None:
         """After an optimizer step (e.g. report replaced codes)."""
 
+    def should_stop(self, record: dict) -> bool:
+        """Whether training ends at this log line, before `max_steps` (e.g. the training accuracy reached a target;
+        every rank must answer alike: the engine stops when any rank says so)."""
+        return False
+
     def evaluate(self, step: int) -> dict | None:
         """Held-out metrics (main process; None on the others). Must not move the training RNG streams."""
         return None
@@ -101,6 +106,7 @@ class FitResult:
     batch_in_epoch: int = 0
     history: list = field(default_factory=list)
     last_eval: dict | None = None
+    stopped_early: bool = False  # `should_stop` ended training before max_steps
 
 
 class TrainingEngine:
@@ -192,29 +198,40 @@ class TrainingEngine:
             result.step += 1
             progress.update(1)
             stage.after_step(result.step, output)
-            step = result.step
+            step, stop = result.step, False
             if step % c.log_every == 0 or step == c.max_steps:
-                self._log(stage, result, progress)
-            if step % c.eval_every == 0 and step < c.max_steps:
+                stop = self._any_rank(stage.should_stop(self._log(stage, result, progress))) and step < c.max_steps
+            if step % c.eval_every == 0 and step < c.max_steps and not stop:
                 self._evaluate(stage, result)
-            if step % c.save_every == 0 or step == c.max_steps:
+            if step % c.save_every == 0 or step == c.max_steps or stop:
                 stage.before_save(step)
                 state = {"epoch": result.epoch, "batch_in_epoch": result.batch_in_epoch, "history": result.history,
                          **stage.checkpoint_state(), "config": record}
                 save_checkpoint(accelerator, self.output_dir, step, model=stage.model, optimizer=stage.optimizer,
                                 trainer_state=state, rank_extra=stage.rank_state(), keep=c.keep_checkpoints,
                                 trainable_only=stage.trainable_only)
-            if step >= c.max_steps:
+            if stop:
+                result.stopped_early = True
+                if self.is_main:
+                    tqdm.write(json.dumps({"step": step, "stopped_early": True}))
+            if step >= c.max_steps or stop:
                 return True
         return False
 
-    def _log(self, stage: TrainingStage, result: FitResult, progress) -> None:
+    def _any_rank(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return bool(flag)
+        votes = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "max")
+        return bool(votes.item() > 0)
+
+    def _log(self, stage: TrainingStage, result: FitResult, progress) -> dict:
         entry = {"step": result.step, **stage.log_record(), "epoch": result.epoch}
         result.history.append(entry)
         self.accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=result.step)
         progress.set_postfix(**stage.postfix(entry))
         if self.is_main:
             tqdm.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in entry.items()}))
+        return entry
 
     def _evaluate(self, stage: TrainingStage, result: FitResult) -> None:
         metrics = stage.evaluate(result.step)

@@ -28,8 +28,17 @@ def coerce_settings(settings: dict, config_class) -> dict:
     """Numbers given as strings (from YAML files) become numbers where the field's default is a number; a value that
     cannot be one is an error naming the setting."""
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    list_fields = {f.name for f in dataclasses.fields(config_class)
+                   if f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), list)}
     result = dict(settings)
     for name, value in settings.items():
+        if name in list_fields and value is not None and not isinstance(value, (list, tuple)):
+            # `--gripper-dims 3` or `gripper_dims: 0,3` mean [3] and [0, 3]; a mapping is not a list
+            if isinstance(value, dict):
+                raise ValueError(f"setting {name!r} must be a list, e.g. [0, 3]; got {value!r}")
+            pieces = value.split(",") if isinstance(value, str) else [value]
+            result[name] = [parse_value(p.strip()) if isinstance(p, str) else p for p in pieces if str(p).strip()]
+            continue
         default = defaults.get(name, dataclasses.MISSING)
         if isinstance(default, bool) or default is dataclasses.MISSING or default is None:
             continue

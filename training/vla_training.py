@@ -85,6 +85,9 @@ class VLATrainingConfig:
     mixed_precision: str = "no"  # "no" or "bf16"
     gradient_checkpointing: bool = False
     max_steps: int = 1000
+    # stop before max_steps once the training token accuracy (mean over a log window) reaches this (the paper
+    # finetunes "until the training action accuracy reaches 95%"); None: always max_steps
+    stop_at_train_accuracy: float | None = None
     seed: int = 0
     # LoRA (peft)
     lora: bool = False
@@ -165,6 +168,8 @@ def validate_config(c: VLATrainingConfig) -> None:
         raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {c.mixed_precision!r}")
     if c.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {c.lr_schedule!r}")
+    if c.stop_at_train_accuracy is not None and not 0 < c.stop_at_train_accuracy <= 1:
+        raise ValueError(f"stop_at_train_accuracy must be in (0, 1], got {c.stop_at_train_accuracy}")
     for name in ("batch_size", "max_steps", "save_every", "eval_every", "log_every", "gradient_accumulation_steps",
                  "frame_stride", "action_chunk_size"):
         if int(getattr(c, name)) < 1:
@@ -422,6 +427,10 @@ class VLAStage(TrainingStage):
     def postfix(self, record: dict) -> dict:
         return {"loss": f"{record['loss']:.4f}", "acc": f"{record['token_accuracy']:.3f}"}
 
+    def should_stop(self, record: dict) -> bool:
+        target = self.c.stop_at_train_accuracy
+        return target is not None and record.get("token_accuracy", 0.0) >= target
+
     def evaluate(self, step: int) -> dict | None:
         if not self.engine.is_main:
             return None
@@ -454,8 +463,10 @@ class VLAStage(TrainingStage):
             self.lapa.save_pretrained(str(save_dir))
         self.processor.save_pretrained(str(save_dir))
         (save_dir / "training_config.json").write_text(json.dumps(self.record, indent=2))
-        (output_dir / "eval_metrics.json").write_text(json.dumps({"final": result.last_eval, "history": self.evals},
-                                                                 indent=2))
+        training = {"steps": result.step, "stopped_early": result.stopped_early,
+                    "final_train_token_accuracy": result.history[-1]["token_accuracy"] if result.history else None}
+        (output_dir / "eval_metrics.json").write_text(json.dumps(
+            {"final": result.last_eval, "history": self.evals, "training": training}, indent=2))
         plot_training_curves(result.history, self.evals, output_dir / "training_curves.png",
                              title=f"{c.stage} ({c.target} targets) on {self.frames.name}")
         logger.info("saved to %s", save_dir)
