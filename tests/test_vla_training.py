@@ -247,7 +247,7 @@ def test_finetuning_stops_once_the_training_accuracy_reaches_the_target(dataset,
     training = json.loads((out / "eval_metrics.json").read_text())["training"]
     assert training == {"steps": result["step"], "stopped_early": True,
                         "final_train_token_accuracy": result["history"][-1]["token_accuracy"]}
-    assert (out / "checkpoints" / f"step-{result['step']}").is_dir()
+    assert (out / "checkpoints" / f"step-{result['step']:07d}").is_dir()
     assert result["eval"]["step"] == result["step"] and (out / "model" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="stop_at_train_accuracy"):
         resolve_config("finetune", common(dataset, tmp_path / "x", 5) + ["--stop-at-train-accuracy", "1.5"])
