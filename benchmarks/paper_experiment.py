@@ -54,7 +54,14 @@ SETTINGS = ("in_domain", "cross_task")
 SETTING_NAMES = {"in_domain": "in-domain", "cross_task": "cross-task"}
 CROSS_TASKS = tuple(t for t in TASK_INSTRUCTIONS if t not in MT10_TASKS)  # the other 40 MT50 tasks
 SPLIT_SEED_BLOCK = {"validation": 100, "test": 200}
-GRIPPER_DIMS = [3]  # Meta-World's 4th action dimension opens and closes the gripper
+GRIPPER_DIMS = [3]
+
+
+def method_name(method: str) -> str:
+    """"lapa" -> "LAPA"; "lapa_c4" (the codebook-size sweep) -> "LAPA |C|=4"."""
+    if method.startswith("lapa_c"):
+        return f"LAPA |C|={method[len('lapa_c'):]}"
+    return METHOD_NAMES[method]  # Meta-World's 4th action dimension opens and closes the gripper
 
 
 @dataclass
@@ -79,6 +86,7 @@ class ExperimentConfig:
     pretrain_steps: int = 1000
     finetune_steps: int = 1500
     stop_at_train_accuracy: float | None = 0.95  # the paper's finetuning rule (capped by finetune_steps)
+    codebook_sweep: list = field(default_factory=list)  # more |C| for LAPA in-domain (the paper: 2, 4, 8)
     action_chunk_size: int = 1
     n_action_steps: int | None = None  # chunks: actions run open loop per call (default: all k)
     freeze_vision_encoder: bool = True
@@ -93,7 +101,7 @@ PRESETS: dict[str, dict] = {
     # A micro run of every stage of all four methods in both settings: checks the machinery, measures nothing.
     "smoke": dict(settings=list(SETTINGS), seeds=[0], tasks=["reach-v3", "drawer-close-v3"],
                   cross_tasks=["reach-wall-v3", "door-close-v3"], episodes_per_task=3, finetune_episodes=2,
-                  quantizer_steps=12, idm_steps=10, idm_width=8, pretrain_steps=10, finetune_steps=10,
+                  codebook_sweep=[4], quantizer_steps=12, idm_steps=10, idm_width=8, pretrain_steps=10, finetune_steps=10,
                   stop_at_train_accuracy=None, tiny=dict(hidden_size=32, num_layers=1), eval_episodes=1,
                   eval_max_steps=12),
     "full": dict(),
@@ -121,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=sorted(SPLIT_SEED_BLOCK))
     lists = {"settings": "comma-separated: in_domain,cross_task", "methods": "comma-separated: " + ",".join(METHODS),
              "seeds": "comma-separated finetuning seeds, e.g. 0,1,2", "tasks": "comma-separated Meta-World tasks",
-             "cross_tasks": "comma-separated Meta-World tasks"}
+             "cross_tasks": "comma-separated Meta-World tasks",
+             "codebook_sweep": "comma-separated codebook sizes |C| for LAPA in-domain besides --codebook-size, e.g. 2,4"}
     for name, help_text in lists.items():
-        kind = (lambda text: [int(x) for x in text.split(",")]) if name == "seeds" else (lambda text: text.split(","))
+        integers = name in ("seeds", "codebook_sweep")
+        kind = (lambda text: [int(x) for x in text.split(",")]) if integers else (lambda text: text.split(","))
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
     for f in dataclasses.fields(ExperimentConfig):
         if f.name in lists or f.name in ("preset", "output_dir", "split", "tiny"):
@@ -156,6 +166,8 @@ def _validate(c: ExperimentConfig) -> None:
         raise ValueError(f"unknown Meta-World tasks {unknown}")
     if set(c.tasks) & set(c.cross_tasks):
         raise ValueError(f"cross-task pretraining must not see the evaluated tasks: {sorted(set(c.tasks) & set(c.cross_tasks))}")
+    if any(size < 2 for size in [c.codebook_size, *c.codebook_sweep]):
+        raise ValueError(f"codebook sizes must be >= 2, got {[c.codebook_size, *c.codebook_sweep]}")
     if not 0 < c.finetune_episodes < c.episodes_per_task:
         raise ValueError(f"finetune_episodes must be in [1, episodes_per_task), got {c.finetune_episodes}")
 
@@ -195,22 +207,30 @@ class Experiment:
         return self.data("finetune" if setting == "in_domain" else "cross")
 
     # LAPA: quantizer -> latent labels ----------------------------------------------------------------------------
-    def quantizer(self, setting: str) -> Path:
-        c, run_dir = self.c, self.root / setting / "quantizer"
+    def codebook(self, method: str) -> tuple[int, str]:
+        """|C| of a LAPA method ("lapa": the config's; "lapa_c4": 4) and its folders' suffix."""
+        if method.startswith("lapa_c"):
+            return int(method[len("lapa_c"):]), method[len("lapa"):]
+        return self.c.codebook_size, ""
+
+    def quantizer(self, setting: str, method: str = "lapa") -> Path:
+        c, (size, suffix) = self.c, self.codebook(method)
+        run_dir = self.root / setting / f"quantizer{suffix}"
         steps = c.quantizer_steps
         config = train_quantizer.config_from_preset(
             "tiny", dataset=[str(self.videos(setting))], output_dir=str(run_dir), max_steps=steps, eval_every=steps,
-            save_every=max(steps // 4, 1), replacement_cooldown_steps=steps // 6, model={"codebook_size": c.codebook_size},
+            save_every=max(steps // 4, 1), replacement_cooldown_steps=steps // 6, model={"codebook_size": size},
             resume=(run_dir / "checkpoints").is_dir(), report_to="none")
-        self._timed(f"{setting}: quantizer", (run_dir / "model" / "model.safetensors").is_file(),
+        self._timed(f"{setting}: quantizer{suffix}", (run_dir / "model" / "model.safetensors").is_file(),
                     lambda: train_quantizer.train(config))
         return run_dir
 
-    def latent_labels(self, setting: str) -> Path:
-        out = self.root / setting / "videos_latent"
-        quantizer = self.quantizer(setting) / "model"
+    def latent_labels(self, setting: str, method: str = "lapa") -> Path:
+        suffix = self.codebook(method)[1]
+        out = self.root / setting / f"videos_latent{suffix}"
+        quantizer = self.quantizer(setting, method) / "model"
         done = (out / "meta" / "info.json").is_file() and not (out / ".labelling").exists()
-        self._timed(f"{setting}: latent labels", done, lambda: label_latents(LabellingConfig(
+        self._timed(f"{setting}: latent labels{suffix}", done, lambda: label_latents(LabellingConfig(
             dataset=str(self.videos(setting)), quantizer=str(quantizer), output=str(out))))
         return out
 
@@ -262,13 +282,13 @@ class Experiment:
         c = self.c
         if method == "scratch":
             return None
-        if method == "lapa":
-            dataset, target = self.latent_labels(setting), "latent"
+        if method.startswith("lapa"):
+            dataset, target = self.latent_labels(setting, method), "latent"
         else:
             dataset, target = (self.pseudo_labels(setting) if method == "vpt" else self.videos(setting)), "action"
         extra = dict(gripper_dims=GRIPPER_DIMS, action_chunk_size=c.action_chunk_size) if target == "action" else {}
         return self._vla("pretrain", self.root / setting / f"pretrain_{method}",
-                         f"{setting}: {METHOD_NAMES[method]} pretraining", dataset=[str(dataset)], target=target,
+                         f"{setting}: {method_name(method)} pretraining", dataset=[str(dataset)], target=target,
                          max_steps=c.pretrain_steps, **extra)
 
     def finetuned(self, method: str, setting: str, seed: int) -> Path:
@@ -276,7 +296,7 @@ class Experiment:
         where = "scratch" if method == "scratch" else f"{setting}/{method}"
         init = self.pretrained(method, setting)
         return self._vla("finetune", self.root / "finetune" / where.replace("/", "_") / f"seed{seed}",
-                         f"{METHOD_NAMES[method]} {'' if method == 'scratch' else setting + ' '}finetuning, seed {seed}",
+                         f"{method_name(method)} {'' if method == 'scratch' else setting + ' '}finetuning, seed {seed}",
                          dataset=[str(self.data("finetune"))], init_from=str(init) if init else None,
                          train_episodes_per_task=c.finetune_episodes, gripper_dims=GRIPPER_DIMS,
                          action_chunk_size=c.action_chunk_size, max_steps=c.finetune_steps, seed=seed,
@@ -343,6 +363,11 @@ def markdown_table(rows: dict, c: ExperimentConfig) -> str:
             continue
         key = (lambda s: "scratch/in_domain") if method == "scratch" else (lambda s: f"{method}/{s}")
         lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(_cell(rows.get(key(s))) for s in settings) + " |")
+    sweep = sorted((r for r in rows.values() if r["method"].startswith("lapa") and r["setting"] == "in_domain"),
+                   key=lambda r: Experiment(c).codebook(r["method"])[0])
+    if len(sweep) > 1:
+        lines += ["", "| LAPA in-domain, codebook size |C| | success % |", "|---|---|"]
+        lines += [f"| {Experiment(c).codebook(r['method'])[0]} | {_cell(r)} |" for r in sweep]
     n = {r["n_episodes"] for r in rows.values()}
     lines.append("")
     lines.append(f"Success % on MT10 ({c.split} seeds) with 95% Wilson intervals over {'/'.join(map(str, sorted(n)))} "
@@ -418,6 +443,10 @@ def run(c: ExperimentConfig) -> dict:
                 continue  # SCRATCH has no pretraining: one run serves both settings
             key = (method, "in_domain" if method == "scratch" else setting)
             evals[key] = [experiment.evaluation(method, key[1], seed) for seed in c.seeds]
+    if "in_domain" in c.settings:
+        for size in sorted(set(c.codebook_sweep) - {c.codebook_size}):
+            evals[(f"lapa_c{size}", "in_domain")] = [experiment.evaluation(f"lapa_c{size}", "in_domain", seed)
+                                                     for seed in c.seeds]
     rows = aggregate(evals)
     result = {"config": dataclasses.asdict(c), "rows": rows, "diagnostics": diagnostics(root, c),
               "seconds_this_run": time.perf_counter() - start, "stage_seconds_this_run": experiment.timings}

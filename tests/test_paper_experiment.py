@@ -42,6 +42,7 @@ def test_bad_settings_are_refused(capsys):
     assert pe.main(["--preset", "smoke", "--cross-tasks", "reach-v3"]) == 2
     assert "must not see the evaluated tasks" in capsys.readouterr().err
     assert pe.main(["--preset", "smoke", "--finetune-episodes", "3"]) == 2
+    assert pe.main(["--preset", "smoke", "--codebook-sweep", "1,4"]) == 2
 
 
 @pytest.mark.slow
@@ -50,12 +51,17 @@ def test_the_smoke_preset_runs_all_four_methods_in_both_settings(tmp_path):
     result = pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--split", "validation"]))
     rows = result["rows"]
     assert sorted(rows) == sorted(["scratch/in_domain", "vpt/in_domain", "lapa/in_domain", "actionvla/in_domain",
-                                   "vpt/cross_task", "lapa/cross_task", "actionvla/cross_task"])
+                                   "vpt/cross_task", "lapa/cross_task", "actionvla/cross_task", "lapa_c4/in_domain"])
     assert all(r["n_episodes"] == 2 for r in rows.values())  # 1 seed x 2 tasks x 1 episode
-    # every stage ran: data of both settings, one quantizer and one labelling per setting, one IDM, six pretrainings
+    # every stage ran: data of both settings, one quantizer and one labelling per setting (and one for the |C| = 4
+    # sweep), one IDM, six pretrainings (and the sweep's)
     stages = result["stage_seconds_this_run"]
-    assert sum(name.endswith("quantizer") for name in stages) == 2 and "VPT: inverse dynamics model" in stages
-    assert sum("pretraining" in name for name in stages) == 6 and sum("finetuning" in name for name in stages) == 7
+    assert sorted(name for name in stages if "quantizer" in name) == [
+        "cross_task: quantizer", "in_domain: quantizer", "in_domain: quantizer_c4"]
+    assert "VPT: inverse dynamics model" in stages
+    assert sum("pretraining" in name for name in stages) == 7 and sum("finetuning" in name for name in stages) == 8
+    c4 = json.loads((out / "in_domain" / "quantizer_c4" / "model" / "config.json").read_text())
+    assert c4["codebook_size"] == 4
     # LAPA pretrains on latent codes, VPT on the IDM's actions, ACTIONVLA on the true ones; SCRATCH starts from nothing
     record = lambda path: json.loads((path / "model" / "training_config.json").read_text())
     assert record(out / "cross_task" / "pretrain_lapa")["target"] == "latent"
@@ -74,7 +80,8 @@ def test_the_smoke_preset_runs_all_four_methods_in_both_settings(tmp_path):
     diagnostics = result["diagnostics"]
     assert {"quantizer/in_domain", "quantizer/cross_task", "idm", "vpt_pseudo_labels/cross_task"} <= set(diagnostics)
     assert (out / "success_validation.png").stat().st_size > 10_000
-    assert "| ACTIONVLA |" in (out / "results_validation.md").read_text()
+    table = (out / "results_validation.md").read_text()
+    assert "| ACTIONVLA |" in table and "| 4 | " in table and "| 8 | " in table
 
     # the test split reuses every trained stage and evaluates on its own seed block
     test = pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--split", "test"]))
