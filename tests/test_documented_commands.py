@@ -25,7 +25,7 @@ SCRIPT_MODULES = [
     "training.merge_lora", "training.quickstart", "training.imagine", "training.evaluate", "training.envs.metaworld_data",
     "modeling_lapa.convert_laq_checkpoint", "modeling_lapa.convert_lapa_jax", "modeling_lapa.convert_lwm_vqgan",
     "hub_cards.publish", "benchmarks.convert_lapa_jax_memory", "benchmarks.data_speed", "benchmarks.label_speed",
-    "benchmarks.quantizer_speed", "benchmarks.vla_speed",
+    "benchmarks.quantizer_speed", "benchmarks.vla_speed", "benchmarks.paper_experiment",
 ]
 # Stages whose settings are resolved too (argv -> config object, with the preset and the KEY=VALUE items).
 RESOLVERS = {

@@ -41,6 +41,7 @@ def square_dataset(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_the_idm_learns_actions_from_frame_pairs_and_pseudo_labels_a_dataset(square_dataset, tmp_path):
     config = IDMTrainingConfig(dataset=str(square_dataset), episodes=list(range(10)), heldout_episodes=[10, 11, 12, 13],
                                output_dir=str(tmp_path / "idm"), width=8, hidden_size=32, image_size=SIZE,
