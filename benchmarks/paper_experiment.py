@@ -358,6 +358,10 @@ def _cell(row: dict | None) -> str:
     return text
 
 
+def _task_set(c: ExperimentConfig) -> str:
+    return "MT10" if list(c.tasks) == list(MT10_TASKS) else f"{len(c.tasks)} tasks"
+
+
 def markdown_table(rows: dict, c: ExperimentConfig) -> str:
     """Table 1's layout: a row per method, a column per setting (SCRATCH is one run, shown in both)."""
     settings = [s for s in SETTINGS if s in c.settings]
@@ -375,7 +379,7 @@ def markdown_table(rows: dict, c: ExperimentConfig) -> str:
         lines += [f"| {Experiment(c).codebook(r['method'])[0]} | {_cell(r)} |" for r in sweep]
     n = {r["n_episodes"] for r in rows.values()}
     lines.append("")
-    lines.append(f"Success % on MT10 ({c.split} seeds) with 95% Wilson intervals over {'/'.join(map(str, sorted(n)))} "
+    lines.append(f"Success % on {_task_set(c)} ({c.split} seeds) with 95% Wilson intervals over {'/'.join(map(str, sorted(n)))} "
                  f"episodes per cell ({len(c.seeds)} finetuning seeds x {len(c.tasks)} tasks x {c.eval_episodes} "
                  f"episodes); in brackets after it, the share of the SCRATCH-to-ACTIONVLA gap recovered.")
     return "\n".join(lines)
@@ -404,7 +408,7 @@ def success_chart(rows: dict, c: ExperimentConfig, path: Path) -> None:
                           color="black", capsize=3, linewidth=1)
             axis.plot([x] * len(row["pc_success_per_seed"]), row["pc_success_per_seed"], "k.", markersize=4)
     axis.set_xticks(range(len(settings)), [SETTING_NAMES[s] for s in settings])
-    axis.set(ylabel=f"MT10 success % ({c.split} seeds)", ylim=(0, 100))
+    axis.set(ylabel=f"{_task_set(c)} success % ({c.split} seeds)", ylim=(0, 100))
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8, ncols=len(methods), loc="upper center", bbox_to_anchor=(0.5, 1.16), frameon=False)
     fig.tight_layout()
