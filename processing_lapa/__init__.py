@@ -12,7 +12,9 @@ from transformers import AutoImageProcessor, AutoProcessor
 from .action_tokenizer import ACTION_TOKENIZER_NAME, ActionTokenizer
 from .image_processing_lapa import LAPAImageProcessor
 from .image_processing_lwm import LWMImageProcessor
-from .processing_lapa import DEFAULT_PROMPT_TEMPLATE, LAPAProcessor, action_token, latent_token
+from .processing_lapa import (
+    DEFAULT_PROMPT_TEMPLATE, IMAGE_LAYOUTS, LAPAProcessor, action_token, image_layout_for, latent_token,
+)
 from .processing_lwm import LWMProcessor
 from .tokenization_lapa import build_tiny_tokenizer, llama_tokenizer_from_sentencepiece
 
@@ -33,6 +35,7 @@ LWMProcessor.register_for_auto_class("AutoProcessor")
 __all__ = [
     "ACTION_TOKENIZER_NAME",
     "DEFAULT_PROMPT_TEMPLATE",
+    "IMAGE_LAYOUTS",
     "ActionTokenizer",
     "LAPAImageProcessor",
     "LAPAProcessor",
@@ -40,6 +43,7 @@ __all__ = [
     "LWMProcessor",
     "action_token",
     "build_tiny_tokenizer",
+    "image_layout_for",
     "llama_tokenizer_from_sentencepiece",
     "latent_token",
 ]

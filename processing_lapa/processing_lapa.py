@@ -2,9 +2,27 @@
 
 Every example becomes
 
-    [bos] + <image> x num_image_tokens + tokens("What action should the robot take to {instruction}?") + targets
+    [bos] + image part + tokens("What action should the robot take to {instruction}?") + targets
 
-where the targets are s latent-action tokens `<latent_k>` (latent pretraining) or k x D action-bin tokens
+where the image part is what the backbone's own processor puts in place of one image (`image_layout`):
+
+    "plain"     <image> x num_image_tokens                      (LLaVA-style backbones, the tiny models built in code)
+    "idefics3"  <fake_token_around_image> <global-img> <image> x num_image_tokens <fake_token_around_image>
+                                                                (Idefics3 / SmolVLM: exactly what `Idefics3Processor`
+                                                                and `SmolVLMProcessor` build for one image that is
+                                                                not split into tiles)
+
+Only the `<image>` placeholders are image positions (the model writes the image features over them, and
+`num_image_tokens` counts them); the wrapper tokens are ordinary prompt tokens, with the backbone tokenizer's own ids.
+Idefics3/SmolVLM image splitting (a grid of `<row_i_col_j>` tiles before the global image) is deliberately not used,
+i.e. the layout is the one those processors build with `do_image_splitting=False`: LAPA feeds one frame per example
+at the vision encoder's own resolution (`LAPAImageProcessor` resizes the whole frame to that square, as the backbone's
+image processor does to the global image without splitting). Robot frames are mostly no larger than that (this
+project's Meta-World frames are 128 px, SmolVLM-256M reads 512 px), so tiles would mostly be upsampled crops of the
+same frame: little new detail, many times the image tokens (64 per tile for SmolVLM-256M, on top of the global
+image's 64), and a prompt length that depends on the frame size.
+
+The targets are s latent-action tokens `<latent_k>` (latent pretraining) or k x D action-bin tokens
 `<action_k>` (action finetuning; k = `action_chunk_size`, 1 by default: one action, as in the paper; with k > 1 the
 D tokens of each of the k future actions in time order, "action chunking"). Both kinds are new special tokens appended to the backbone tokenizer, so a LAPA checkpoint
 stays an ordinary image-text-to-text checkpoint; the model restricts its logits to the right id block at each target
@@ -29,6 +47,18 @@ from .action_tokenizer import ACTION_TOKENIZER_NAME, ActionTokenizer
 
 DEFAULT_PROMPT_TEMPLATE = "What action should the robot take to {instruction}?"
 IGNORE_INDEX = -100
+# The tokens Idefics3/SmolVLM's processors wrap an image in (their names in transformers' `Idefics3Processor`).
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+IMAGE_LAYOUTS = ("plain", "idefics3")
+# Backbone families (their config's `model_type`) whose own processor wraps the image placeholders.
+_FAMILY_IMAGE_LAYOUTS = {"idefics3": "idefics3", "smolvlm": "idefics3"}
+
+
+def image_layout_for(model_type: str) -> str:
+    """The `image_layout` whose image part matches what the processor of a backbone of this `model_type` builds:
+    "idefics3" for the Idefics3 and SmolVLM families, "plain" for the others."""
+    return _FAMILY_IMAGE_LAYOUTS.get(model_type, "plain")
 
 
 def latent_token(code: int) -> str:
@@ -61,6 +91,11 @@ class LAPAProcessor(ProcessorMixin):
         add_bos (`bool`, defaults to True): start every sequence with the tokenizer's BOS token.
         action_chunk_size (`int`, defaults to 1): k, the future actions one action target holds (action chunking).
             Must equal the model's `config.action_chunk_size`. A processor saved before chunking existed loads as 1.
+        image_layout (`str`, defaults to `"plain"`): the image part of the prompt (see the module docstring):
+            `"plain"` (the placeholders only) or `"idefics3"` (wrapped as Idefics3/SmolVLM's processor does, one
+            global image; the tokenizer must hold `<fake_token_around_image>` and `<global-img>`, as these backbones'
+            tokenizers do). [`image_layout_for`] gives a backbone family's layout. A processor saved before this
+            setting existed loads as `"plain"`, the layout it was saved with.
         chat_template (`str`, *optional*): passed to [`ProcessorMixin`]; unused by LAPA's own prompt.
     """
 
@@ -79,7 +114,10 @@ class LAPAProcessor(ProcessorMixin):
         add_bos: bool = True,
         chat_template: str | None = None,
         action_chunk_size: int = 1,
+        image_layout: str = "plain",
     ):
+        if image_layout not in IMAGE_LAYOUTS:
+            raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {image_layout!r}")
         for name, value, minimum in (
             ("action_chunk_size", action_chunk_size, 1),
             ("num_latent_codes", num_latent_codes, 1),
@@ -105,6 +143,7 @@ class LAPAProcessor(ProcessorMixin):
         self.prompt_template = prompt_template
         self.add_bos = bool(add_bos)
         self.action_chunk_size = int(action_chunk_size)
+        self.image_layout = image_layout
         # None when the model has no action block (a latent-pretrained LWM checkpoint: `LWMProcessor`).
         self.action_tokenizer = ActionTokenizer(num_bins=self.num_action_bins) if self.num_action_bins else None
 
@@ -116,6 +155,7 @@ class LAPAProcessor(ProcessorMixin):
                 "tokenizer.pad_token = tokenizer.eos_token)"
             )
         self._image_token_id, self._latent_offset, self._action_offset = self._locate_special_tokens()
+        self._image_prompt_ids = self._build_image_prompt_ids()
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction
@@ -126,11 +166,13 @@ class LAPAProcessor(ProcessorMixin):
         r"""Make a processor from a backbone tokenizer, adding the LAPA tokens to it (in place) if missing.
 
         `settings` are the keyword arguments of the constructor (`num_latent_codes`, `latent_sequence_length`,
-        `num_action_bins`, `num_image_tokens`, `image_token`, `prompt_template`, `add_bos`), with its defaults.
+        `num_action_bins`, `num_image_tokens`, `image_token`, `prompt_template`, `add_bos`, `image_layout`, ...),
+        with its defaults.
         Missing tokens are added as special tokens (never split, skipped by `decode(..., skip_special_tokens=True)`)
         in this order: the image token, `<latent_0>` ... `<latent_{C-1}>`, `<action_0>` ... `<action_{N-1}>`. New
         tokens get fresh ids after the existing vocabulary, so no existing id changes meaning; the model's embedding
-        matrix must then be resized to `processor.vocab_size`.
+        matrix must then be resized to `processor.vocab_size`. The wrapper tokens of `image_layout="idefics3"` are
+        never added: they are the backbone's own (trained) tokens, so a tokenizer without them is an error.
         """
         parameters = inspect.signature(cls.__init__).parameters
         unknown = sorted(set(settings) - (set(parameters) - {"self", "image_processor", "tokenizer"}))
@@ -183,6 +225,23 @@ class LAPAProcessor(ProcessorMixin):
             offsets.append(int(ids[0]))
         return int(vocab[self.image_token]), offsets[0], offsets[1]
 
+    def _build_image_prompt_ids(self) -> list[int]:
+        """The ids one image takes in the prompt (see `image_layout`), the wrapper tokens looked up in the tokenizer."""
+        placeholders = [self._image_token_id] * self.num_image_tokens
+        if self.image_layout == "plain":
+            return placeholders
+        vocab = self.tokenizer.get_vocab()
+        missing = [token for token in (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN) if token not in vocab]
+        if missing:
+            raise ValueError(
+                f"image_layout='idefics3' wraps each image as {FAKE_IMAGE_TOKEN} {GLOBAL_IMAGE_TOKEN} <image>... "
+                f"{FAKE_IMAGE_TOKEN} (Idefics3/SmolVLM's own layout), but the tokenizer has no "
+                f"{' and no '.join(repr(token) for token in missing)} token; use the backbone's own tokenizer (those "
+                "of SmolVLM and Idefics3 hold them), or image_layout='plain' for a backbone that has no such tokens"
+            )
+        fake, global_image = vocab[FAKE_IMAGE_TOKEN], vocab[GLOBAL_IMAGE_TOKEN]
+        return [fake, global_image] + placeholders + [fake]
+
     # ------------------------------------------------------------------------------------------------------------
     # Token ids
     # ------------------------------------------------------------------------------------------------------------
@@ -190,6 +249,12 @@ class LAPAProcessor(ProcessorMixin):
     def image_token_id(self) -> int:
         """Id of the image placeholder token."""
         return self._image_token_id
+
+    @property
+    def image_prompt_ids(self) -> list[int]:
+        """The ids one image takes in the prompt: `num_image_tokens` placeholders, with the wrapper tokens of
+        `image_layout` around them ("idefics3"); ordinary prompt tokens except the placeholders."""
+        return list(self._image_prompt_ids)
 
     @property
     def latent_token_offset(self) -> int:
@@ -314,20 +379,22 @@ class LAPAProcessor(ProcessorMixin):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _prompt_sequences(self, instructions: list[str], task: str) -> list[list[int]]:
-        """The prompt ids of every example (what precedes its targets): [bos] + <image> x n + the instruction."""
+        """The prompt ids of every example (what precedes its targets): [bos] + the image part + the instruction."""
         prompts = [self.prompt_template.format(instruction=instruction) for instruction in instructions]
         prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         bos = [self.tokenizer.bos_token_id] if self.add_bos else []
-        prefix = bos + [self._image_token_id] * self.num_image_tokens
+        prefix = bos + self._image_prompt_ids
         for i, ids in enumerate(prompt_ids):
             self._check_text_ids(ids, instructions[i])
         return [prefix + list(ids) for ids in prompt_ids]
 
     def _check_text_ids(self, ids, instruction: str) -> None:
         reserved_low, reserved_high = self._reserved_id_range()
-        if any(t == self._image_token_id or reserved_low <= t < reserved_high for t in ids):
+        image_ids = set(self._image_prompt_ids) | {self._image_token_id}
+        if any(t in image_ids or reserved_low <= t < reserved_high for t in ids):
             raise ValueError(
-                f"instruction {instruction!r} contains the image token or a latent/action token as text"
+                f"instruction {instruction!r} contains the image token or a latent/action token as text (or one of "
+                "the image's wrapper tokens)"
             )
 
     def _check_instructions(self, text) -> list[str]:
