@@ -172,6 +172,8 @@ def test_a_pretrained_backbone_folder_is_wrapped_with_new_tokens(dataset, tmp_pa
     from processing_lapa import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
+    # An Idefics3 tokenizer holds the tokens its processor wraps an image in (tests/test_smolvlm_layout.py).
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>"]})
     config = tiny_backbone_config("idefics3", image_size=16, patch_size=4, hidden_size=32, num_layers=1,
                                   vocab_size=len(tokenizer))
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")

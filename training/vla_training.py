@@ -192,7 +192,7 @@ def dataset_key(path: str) -> str:
 # ------------------------------------------------------------------------------------------------------- model
 def build_processor_and_model(c: VLATrainingConfig, num_latent_codes: int, latent_sequence_length: int):
     """(processor, model) from `init_from`, a tiny backbone built in code, or a pretrained image-text-to-text model."""
-    from processing_lapa import LAPAImageProcessor, LAPAProcessor, build_tiny_tokenizer
+    from processing_lapa import LAPAImageProcessor, LAPAProcessor, build_tiny_tokenizer, image_layout_for
 
     prompt = {"prompt_template": c.prompt_template} if c.prompt_template else {}
     if c.init_from:
@@ -239,10 +239,13 @@ def build_processor_and_model(c: VLATrainingConfig, num_latent_codes: int, laten
         mean = std = None
     image_processor = LAPAImageProcessor(size=size, **({"image_mean": mean, "image_std": std} if mean else {}))
     image_token = getattr(tokenizer, "image_token", None) or "<image>"
+    # The image part of the prompt as the backbone's own processor builds it (Idefics3/SmolVLM: wrapped, one global
+    # image, no tiles; see processing_lapa.processing_lapa).
     processor = LAPAProcessor.from_components(
         tokenizer, image_processor, num_latent_codes=num_latent_codes, latent_sequence_length=latent_sequence_length,
         num_action_bins=c.num_action_bins, num_image_tokens=count_image_tokens(backbone_config),
-        image_token=image_token, action_chunk_size=c.action_chunk_size, **prompt,
+        image_token=image_token, action_chunk_size=c.action_chunk_size,
+        image_layout=image_layout_for(backbone_config.model_type), **prompt,
     )
     model = LAPAForActionPrediction.from_backbone(c.backbone, processor, freeze_vision_encoder=c.freeze_vision_encoder,
                                                   attn_implementation=c.attn_implementation)
