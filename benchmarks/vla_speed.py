@@ -21,6 +21,9 @@ Prediction, for the action block (D tokens) and the latent block (s tokens), at 
   the next row.
 - predict_action / predict_latent_actions: the public API on raw images and instructions (processor included;
   predict_action also turns the bins into continuous actions).
+- "(static)" rows: the same calls with `cache_implementation="static"` (a preallocated StaticCache and a decoding
+  step compiled by torch.compile per shape). Their compilation runs before timing and is reported apart
+  (`compile_s`).
 
 Speed-up = the baseline's median / the row's median (generate for the rows without preprocessing, processor +
 generate for the rows with it). The functions compared are called in turn within each repeat (rotating the order),
@@ -30,7 +33,8 @@ sample; for training, tokens = attention_mask.sum() of the batch.
 Check: greedy predict_action's bins (the argmax of the step logits it returns) equal the argmax over the action
 block of one teacher-forced forward pass (no cache) on the prompt followed by those bins, and its continuous actions
 equal the decoded teacher-forced bins; the same for predict_latent_actions' codes over the latent block. It says the
-fast path emits what the model, run plainly, predicts.
+fast path emits what the model, run plainly, predicts. The static rows' check: that, and their codes, actions and
+logits' argmax equal the dynamic path's.
 
 Training: forward + backward + gradient clipping + AdamW step (the tiny pretrain preset's learning rate, betas and
 clip norm; vision encoder frozen as in the preset) on a processor-built latent-pretraining batch (images,
@@ -148,12 +152,20 @@ def bench_prediction(model, processor, block: str, batch: int, input_size: int, 
 
     api_name = "predict_action" if block == "action" else "predict_latent_actions"
     api = model.predict_action if block == "action" else model.predict_latent_actions
+    static_block, static_api = f"generate_block({block}, static)", f"{api_name}(static)"
     functions = {
         "generate": lambda: generate(inputs),
         f"generate_block({block})": lambda: model.generate_block(**inputs, num_tokens=num_tokens, block=block),
+        static_block: lambda: model.generate_block(**inputs, num_tokens=num_tokens, block=block,
+                                                   cache_implementation="static"),
         "processor + generate": lambda: generate(process()),
         api_name: lambda: api(images, instructions),
+        static_api: lambda: api(images, instructions, cache_implementation="static"),
     }
+    # The static rows compile their decoding step on their first call (untimed, reported apart).
+    start = time.perf_counter()
+    functions[static_block]()
+    compile_seconds = time.perf_counter() - start
     seconds = time_in_turn(functions, repeats, warmup)
 
     # Correctness of the fast path: greedy API output against one teacher-forced forward pass.
@@ -171,23 +183,38 @@ def bench_prediction(model, processor, block: str, batch: int, input_size: int, 
         offset, size = c.latent_token_offset, c.num_latent_codes
     block_codes = model.generate_block(**inputs, num_tokens=num_tokens, block=block)
     check = check and bool(torch.equal(block_codes, codes))
+    # The static path: the same codes as the dynamic one, through the block call and the public API.
+    static_codes = model.generate_block(**inputs, num_tokens=num_tokens, block=block, cache_implementation="static")
+    if block == "action":
+        static_actions, static_logits = model.predict_action(images, instructions, return_logits=True,
+                                                             cache_implementation="static")
+        static_check = bool(torch.equal(static_logits.argmax(-1), codes)) and bool(np.array_equal(static_actions,
+                                                                                                   actions))
+    else:
+        static_check = bool(torch.equal(model.predict_latent_actions(images, instructions,
+                                                                     cache_implementation="static"), codes))
+    static_check = check and static_check and bool(torch.equal(static_codes, codes))
     generated = generate(inputs)[:, -num_tokens:]
     in_block = float(((generated >= offset) & (generated < offset + size)).float().mean())
 
     item = "action" if block == "action" else "latent action"
-    baseline_of = {"generate": "generate", f"generate_block({block})": "generate",
-                   "processor + generate": "processor + generate", api_name: "processor + generate"}
+    baseline_of = {"generate": "generate", f"generate_block({block})": "generate", static_block: "generate",
+                   "processor + generate": "processor + generate", api_name: "processor + generate",
+                   static_api: "processor + generate"}
     rows = []
     for name, times in seconds.items():
         median, p90 = stats_ms(times)
         baseline_median, _ = stats_ms(seconds[baseline_of[name]])
-        is_fast_path = name in (f"generate_block({block})", api_name)
+        is_fast_path = name in (f"generate_block({block})", api_name, static_block, static_api)
+        is_static = name in (static_block, static_api)
         rows.append(dict(
             what=name, block=block, batch=batch, tokens_per_item=num_tokens,
-            preprocessing=name in ("processor + generate", api_name), median_ms=median, p90_ms=p90,
+            preprocessing=name in ("processor + generate", api_name, static_api), median_ms=median, p90_ms=p90,
             items_per_s=batch / (median / 1e3), item=item, baseline=baseline_of[name],
-            speedup_vs_baseline=baseline_median / median, check=check if is_fast_path else None,
+            speedup_vs_baseline=baseline_median / median,
+            check=(static_check if is_static else check) if is_fast_path else None,
             generated_tokens_in_block=None if is_fast_path else in_block, repeats=len(times),
+            compile_s=compile_seconds if name == static_block else None,
         ))
     return rows
 

@@ -5,7 +5,8 @@ tokens `<action_b>` are ordinary tokens after the backbone's text vocabulary. A 
 
     [bos] <image> x num_image_tokens  "What action should the robot take to {instruction}?"  t_1 ... t_K
 
-(left-padded), with K = s latent tokens (latent pretraining) or k x D action tokens (action finetuning: k =
+(left-padded; for Idefics3/SmolVLM the image part is wrapped as that backbone's own processor wraps one image:
+`<fake_token_around_image> <global-img> <image> x n <fake_token_around_image>`), with K = s latent tokens (latent pretraining) or k x D action tokens (action finetuning: k =
 `config.action_chunk_size` future actions, time-major; k = 1, one action, is the paper's setting). At a latent
 target the loss and the decoding are a softmax over the |C| latent rows of the output matrix only, at an action
 target over the N action rows only: exactly the paper's separate latent and action heads, while the checkpoint stays
@@ -314,11 +315,19 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         return_logits: bool = False,
+        cache_implementation: str | None = None,
     ):
         """Decode exactly `num_tokens` tokens, each restricted to one block ("latent" or "action"), with the KV cache.
 
         No end-of-sequence rule applies: every step emits a token of the block. Greedy by default; `do_sample=True`
         samples from softmax(logits / temperature), optionally restricted to the `top_k` best.
+        `cache_implementation` (default: `self.generation_config.cache_implementation` when that is "static", else
+        "dynamic"): "dynamic" grows a `DynamicCache` step by step; "static" is what transformers' `generate` does
+        with a static cache: a preallocated `StaticCache` (its length rounded up to a multiple of
+        `STATIC_CACHE_BUCKET` tokens, so prompts of similar length share it) and one decoding step compiled with
+        `torch.compile` per (batch size, cache length). The first call at a new shape pays the compilation (tens of
+        seconds on a CPU); later ones run the compiled step. The tokens are the same (the step's ops are the
+        dynamic path's, fused). Not for the "lwm" family (its own LLaMA code has no static-cache support).
         Returns the indices within the block (B, num_tokens) and, with `return_logits`, the block logits of every
         step (B, num_tokens, block size)."""
         if block == "latent":
@@ -331,12 +340,17 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
             raise ValueError("temperature must be positive when sampling")
         attention_mask = attention_mask.to(input_ids.device)
         positions = positions_from_mask(attention_mask)
-        out = self(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                   position_ids=positions, use_cache=True, logits_to_keep=1)
+        if self._cache_mode(cache_implementation) == "static":
+            step = self._static_decoder(input_ids.shape[0], input_ids.shape[1] + num_tokens)
+            out = step.prefill(self, input_ids, pixel_values, attention_mask, positions, num_tokens)
+        else:
+            step = None
+            out = self(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                       position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = cache_of(out)
         next_position = positions[:, -1:] + 1
         chosen, step_logits = [], []
-        for step in range(num_tokens):
+        for index in range(num_tokens):
             logits = out.logits[:, -1, offset:offset + size].float()
             step_logits.append(logits)
             if do_sample:
@@ -349,17 +363,43 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
             else:
                 pick = logits.argmax(-1)
             chosen.append(pick)
-            if step + 1 == num_tokens:
+            if index + 1 == num_tokens:
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
-            out = self(input_ids=(pick + offset).unsqueeze(-1), attention_mask=attention_mask,
-                       position_ids=next_position, cache=cache, use_cache=True, logits_to_keep=1)
-            cache = cache_of(out)
+            if step is not None:
+                out = step(pick + offset, next_position, index)
+            else:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))],
+                                           dim=1)
+                out = self(input_ids=(pick + offset).unsqueeze(-1), attention_mask=attention_mask,
+                           position_ids=next_position, cache=cache, use_cache=True, logits_to_keep=1)
+                cache = cache_of(out)
             next_position = next_position + 1
         codes = torch.stack(chosen, dim=1)
         if return_logits:
             return codes, torch.stack(step_logits, dim=1)
         return codes
+
+    def _cache_mode(self, cache_implementation: str | None) -> str:
+        if cache_implementation is None:
+            configured = getattr(self.generation_config, "cache_implementation", None)
+            return "static" if configured == "static" else "dynamic"
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+        return cache_implementation
+
+    def _static_decoder(self, batch_size: int, length: int) -> "StaticBlockDecoder":
+        """The static cache and compiled step for this batch size and (bucketed) length, built on first use."""
+        if self.config.backbone_family == "lwm":
+            raise ValueError("cache_implementation='static' needs a transformers backbone with static-cache support; "
+                             "the 'lwm' family decodes with the dynamic cache")
+        max_length = -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+        key = (batch_size, max_length, self.device, self.dtype)
+        decoders = self.__dict__.setdefault("_static_decoders", {})
+        if key not in decoders:
+            if len(decoders) >= MAX_STATIC_DECODERS:  # drop the oldest: its cache memory and compiled step
+                decoders.pop(next(iter(decoders)))
+            decoders[key] = StaticBlockDecoder(self, batch_size, max_length)
+        return decoders[key]
 
     def _processor_or_raise(self, processor):
         processor = processor if processor is not None else self.processor
@@ -382,7 +422,8 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         """Latent actions for a batch of (image, instruction): (B, s) codes in [0, |C|).
 
         `images`: anything the processor takes (PIL images, uint8 arrays (B, H, W, 3), tensors); `instructions`:
-        a string or a list of B strings. `sampling`: `do_sample`, `temperature`, `top_k`, `generator`."""
+        a string or a list of B strings. `sampling`: `do_sample`, `temperature`, `top_k`, `generator` and
+        `cache_implementation` (see `generate_block`)."""
         processor = self._processor_or_raise(processor)
         inputs = self._prompt_inputs(processor, images, instructions, center_crop, task="latent")
         return self.generate_block(**inputs, num_tokens=self.config.latent_sequence_length, block="latent",
@@ -451,6 +492,53 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
         return loaded
 
 
+STATIC_CACHE_BUCKET = 64  # static caches are sized in multiples of this many tokens
+MAX_STATIC_DECODERS = 8  # (batch size, length) shapes kept compiled at once (torch's recompile limit is 8 too)
+
+
+class StaticBlockDecoder:
+    """One (batch size, cache length) shape of static-cache block decoding: a preallocated `StaticCache`, the
+    attention mask over all of it, and the decoding step compiled once (`torch.compile`, static shapes, so the step
+    is one fused graph of the backbone's ops)."""
+
+    def __init__(self, model: "LAPAForActionPrediction", batch_size: int, max_length: int):
+        from transformers import StaticCache
+
+        self.batch_size, self.max_length = batch_size, max_length
+        self.cache = StaticCache(config=model.backbone.config, max_cache_len=max_length)
+        self.mask = None
+        self.prompt_length = 0
+        backbone = model.backbone
+
+        def step(input_ids, attention_mask, position_ids, cache_position):
+            return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache_position=cache_position, use_cache=True, logits_to_keep=1,
+                            **cache_kwargs(self.cache)).logits
+
+        self.compiled_step = torch.compile(step, dynamic=False)
+
+    def prefill(self, model, input_ids, pixel_values, attention_mask, positions, num_tokens: int):
+        """The prompt's forward pass (not compiled: prompts differ in length) into the reset cache."""
+        self.cache.reset()
+        length = input_ids.shape[1]
+        self.prompt_length = length
+        # The mask over the whole cache: the prompt's (left padding included), then the decoded tokens; the slots
+        # past them stay masked (and the causal mask hides them anyway).
+        mask = attention_mask.new_zeros((self.batch_size, self.max_length))
+        mask[:, :length] = attention_mask
+        mask[:, length:length + num_tokens] = 1
+        self.mask = mask
+        return model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                     position_ids=positions, use_cache=True, logits_to_keep=1,
+                     cache_position=torch.arange(length, device=input_ids.device), cache=self.cache)
+
+    def __call__(self, token_ids, position_ids, index: int):
+        """Decoding step `index` (0 = the first token after the prompt goes in)."""
+        cache_position = torch.tensor([self.prompt_length + index], device=token_ids.device)
+        logits = self.compiled_step(token_ids.unsqueeze(-1), self.mask, position_ids, cache_position)
+        return LAPAOutput(logits=logits, **cache_kwargs(self.cache))
+
+
 def _load_processor_if_present(path, kwargs):
     from transformers import AutoProcessor
     from transformers.utils import cached_file
@@ -463,4 +551,4 @@ def _load_processor_if_present(path, kwargs):
     return AutoProcessor.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code"), **hub_kwargs)
 
 
-__all__ = ["LAPAForActionPrediction", "LAPAOutput", "LAPAPreTrainedModel", "positions_from_mask"]
+__all__ = ["LAPAForActionPrediction", "LAPAOutput", "LAPAPreTrainedModel", "StaticBlockDecoder", "positions_from_mask"]

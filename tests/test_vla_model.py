@@ -124,6 +124,34 @@ def test_batched_prediction_equals_one_at_a_time(family_model):
         torch.testing.assert_close(batched[i:i + 1], single, rtol=1e-4, atol=1e-4)
 
 
+def test_static_cache_decoding_emits_the_dynamic_paths_tokens_and_logits(family_model):
+    """cache_implementation="static": a preallocated StaticCache and a torch.compile'd decoding step, per (batch,
+    bucketed length). Same tokens and (to float rounding) logits as the dynamic path, over two shapes called in
+    turn (batch 2 and 1; a chunked action block too), and the generation config's "static" selects it."""
+    model, processor = family_model
+    pictures = images()
+    for batch in (slice(0, 2), slice(1, 2), slice(0, 2)):
+        for predict in (model.predict_latent_actions, model.predict_action):
+            fast, fast_logits = predict(pictures[batch], INSTRUCTIONS[batch], return_logits=True,
+                                        cache_implementation="static")
+            plain, plain_logits = predict(pictures[batch], INSTRUCTIONS[batch], return_logits=True,
+                                          cache_implementation="dynamic")
+            assert (torch.equal(fast, plain) if isinstance(fast, torch.Tensor) else np.array_equal(fast, plain))
+            torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    decoders = model.__dict__["_static_decoders"]
+    # One cache per shape (its length a multiple of 64), reused by the third call and by both blocks.
+    assert sorted(key[0] for key in decoders) == [1, 2] and all(key[1] % 64 == 0 for key in decoders)
+    model.generation_config.cache_implementation = "static"
+    try:
+        codes = model.predict_latent_actions(pictures, INSTRUCTIONS)
+        assert len(model.__dict__["_static_decoders"]) == 2
+    finally:
+        model.generation_config.cache_implementation = None
+    assert torch.equal(codes, model.predict_latent_actions(pictures, INSTRUCTIONS))
+    with pytest.raises(ValueError, match="'dynamic' or 'static'"):
+        model.predict_latent_actions(pictures, INSTRUCTIONS, cache_implementation="offloaded")
+
+
 def test_no_end_of_sequence_rule_cuts_the_codes():
     # The reference demo decoded latent codes with a plain greedy `generate`, which stopped when a code's id was the
     # end-of-sequence id and padded the rest. Make the first generated token the EOS id: `generate` stops there;
