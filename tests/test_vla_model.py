@@ -124,11 +124,12 @@ def test_batched_prediction_equals_one_at_a_time(family_model):
         torch.testing.assert_close(batched[i:i + 1], single, rtol=1e-4, atol=1e-4)
 
 
-def test_static_cache_decoding_emits_the_dynamic_paths_tokens_and_logits(family_model):
+def test_static_cache_decoding_emits_the_dynamic_paths_tokens_and_logits():
     """cache_implementation="static": a preallocated StaticCache and a torch.compile'd decoding step, per (batch,
     bucketed length). Same tokens and (to float rounding) logits as the dynamic path, over two shapes called in
-    turn (batch 2 and 1; a chunked action block too), and the generation config's "static" selects it."""
-    model, processor = family_model
+    turn (batch 2 and 1), and the generation config's "static" selects it. One family: each shape compiles (tens of
+    seconds on a fresh machine); benchmarks/vla_speed.py --family idefics3 checks the other."""
+    model, _ = build("llava")
     pictures = images()
     for batch in (slice(0, 2), slice(1, 2), slice(0, 2)):
         for predict in (model.predict_latent_actions, model.predict_action):
