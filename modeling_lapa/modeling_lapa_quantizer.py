@@ -95,28 +95,61 @@ class LAPAQuantizerPatchEmbedding(nn.Module):
 
 class LAPAQuantizerPositionBias(nn.Module):
     """Continuous relative position bias of the spatial stacks: an MLP of the log-scaled offsets (dy, dx) between
-    every pair of grid cells, giving (num_heads, h*w, h*w) logit biases."""
+    every pair of grid cells, giving (num_heads, h*w, h*w) logit biases.
+
+    The offsets depend only on the grid and are made once. The MLP has trainable weights, so with gradients enabled
+    it runs on every call (once per forward: the encoder and the decoder share its output); without gradients
+    (encoding, evaluation) its output is kept until a weight changes."""
 
     def __init__(self, config: LAPAQuantizerConfig):
         super().__init__()
         dim = config.hidden_size
         self.mlp = nn.ModuleList([nn.Linear(2, dim), nn.Linear(dim, dim), nn.Linear(dim, config.num_heads)])
+        self._offsets: dict = {}
+        self._bias: tuple | None = None  # (key, bias) of the last call without gradients
+
+    def offsets(self, grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
+        """(h*w, h*w, 2): sign(v) * log(|v| + 1) of the offsets (dy, dx) from every cell to every cell."""
+        key = (grid_h, grid_w, str(device), dtype)
+        if key not in self._offsets:
+            # An ordinary tensor even when first made under inference_mode: training saves it for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                ys, xs = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
+                                        indexing="ij")
+                positions = torch.stack([ys, xs], dim=-1).reshape(-1, 2)
+                offsets = (positions[:, None, :] - positions[None, :, :]).to(dtype)
+                self._offsets[key] = torch.sign(offsets) * torch.log(offsets.abs() + 1)
+        return self._offsets[key]
 
     def forward(self, grid_h: int, grid_w: int) -> torch.Tensor:
         weight = self.mlp[0].weight
-        ys, xs = torch.meshgrid(
-            torch.arange(grid_h, device=weight.device), torch.arange(grid_w, device=weight.device), indexing="ij"
-        )
-        positions = torch.stack([ys, xs], dim=-1).reshape(-1, 2)
-        offsets = (positions[:, None, :] - positions[None, :, :]).to(weight.dtype)
-        offsets = torch.sign(offsets) * torch.log(offsets.abs() + 1)
+        key = None
+        if not torch.is_grad_enabled():
+            # The cached bias stays valid while no weight changed: data pointers and version counters of the weights.
+            key = (grid_h, grid_w, torch.is_inference_mode_enabled(),
+                   tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters()))
+            if self._bias is not None and self._bias[0] == key:
+                return self._bias[1]
+        offsets = self.offsets(grid_h, grid_w, weight.device, weight.dtype)
         hidden = F.leaky_relu(self.mlp[0](offsets), 0.1)
         hidden = F.leaky_relu(self.mlp[1](hidden), 0.1)
-        return self.mlp[2](hidden).permute(2, 0, 1)
+        bias = self.mlp[2](hidden).permute(2, 0, 1)
+        if key is not None:
+            self._bias = (key, bias)
+        return bias
+
+
+def backward_will_run() -> bool:
+    """Whether this forward pass records for a backward pass (training), rather than runs without gradients
+    (encoding, evaluation). A few modules compute the same math in a form with a faster backward pass when it does;
+    without gradients they keep the form of the reference (so encoding gives today's numbers bit for bit)."""
+    return torch.is_grad_enabled()
 
 
 class LAPAQuantizerPositionGenerator(nn.Module):
-    """PEG: a depthwise 3x3x3 convolution over (time, height, width), causal in time (zero padding 2 before, 0 after)."""
+    """PEG: a depthwise 3x3x3 convolution over (time, height, width), causal in time (zero padding 2 before, 0 after).
+
+    Output frame i depends on input frames i-2 .. i only: the first frame's output on the first frame alone."""
 
     def __init__(self, config: LAPAQuantizerConfig):
         super().__init__()
@@ -127,10 +160,37 @@ class LAPAQuantizerPositionGenerator(nn.Module):
         # Reference quirk: a plain reshape with the video shape (b, t, h, w), whatever the token layout. In the
         # temporal stack the tokens are ((b h w), t) ordered, so the conv sees them scrambled; the released
         # weights were trained that way.
+        if backward_will_run():
+            return self._frame_taps(hidden_states, video_shape)
         x = hidden_states.reshape(*video_shape, -1).permute(0, 4, 1, 2, 3)
         x = F.pad(x, (1, 1, 1, 1, 2, 0))
         x = self.conv(x)
         return x.permute(0, 2, 3, 4, 1).reshape(hidden_states.shape)
+
+    def _frame_taps(self, hidden_states: torch.Tensor, video_shape: tuple[int, int, int, int]) -> torch.Tensor:
+        """The same sum as depthwise 3x3 convolutions of each frame: output frame i is the bias plus the time taps k
+        that read input frame i - 2 + k >= 0 (the taps on the causal zero padding are skipped, not multiplied by
+        zeros). Forward and backward together about 3.5x faster than the padded Conv3d's on CPU."""
+        b, t, h, w = video_shape
+        dim = hidden_states.shape[-1]
+        frames = hidden_states.reshape(b, t, h, w, dim).permute(0, 1, 4, 2, 3)  # (b, t, D, h, w), channels last
+        weight, bias = self.conv.weight, self.conv.bias  # (D, 1, 3 time, 3, 3), (D,)
+        outputs = []
+        for i in range(t):
+            out = None
+            for k in range(max(0, 2 - i), 3):
+                tap = F.conv2d(frames[:, i - 2 + k], weight[:, :, k], bias if out is None else None, padding=1,
+                               groups=dim)
+                out = tap if out is None else out + tap
+            outputs.append(out)
+        out = outputs[0].unsqueeze(1) if t == 1 else torch.stack(outputs, dim=1)
+        return out.permute(0, 1, 3, 4, 2).reshape(hidden_states.shape)
+
+
+def full_precision(tensor: torch.Tensor):
+    """A context without autocast on `tensor`'s device: what runs in it keeps the parameters' precision (fp32) when
+    training under bf16 autocast (`--mixed-precision bf16`). Without autocast it changes nothing."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 def eager_attention(q, k, v, bias, scale):
@@ -143,6 +203,10 @@ def eager_attention(q, k, v, bias, scale):
 
 def sdpa_attention(q, k, v, bias, scale):
     """The same math through PyTorch's fused kernel."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # Under bf16 autocast on CPU the fused kernel is 3-4x slower than the written-out math at these sizes
+        # (64 spatial tokens, 2 temporal ones; forward and backward); in fp32 they are level.
+        return eager_attention(q, k, v, bias, scale)
     if bias is not None and bias.ndim == 3:
         # A (heads, L, L) mask sends SDPA on CPU to its slow math fallback; (1, heads, L, L) takes the fused kernel
         # (about 6x faster at the reference's 64 tokens, benchmarks/quantizer_speed.py).
@@ -190,7 +254,14 @@ class LAPAQuantizerAttention(nn.Module):
         # Reference quirk: in self-attention, keys and values come from the un-normalised input.
         kv_input = self.context_norm(context) if self.is_cross_attention else hidden_states
         q = self._split_heads(self.to_q(self.norm(hidden_states)))
-        k, v = (self._split_heads(t) for t in self.to_kv(kv_input).chunk(2, dim=-1))
+        if backward_will_run():
+            # Keys and values through the two halves of `to_kv`'s weight: the backward pass then needs no
+            # concatenation of the two gradients, as it would after `chunk`.
+            inner = self.num_heads * self.head_dim
+            k = self._split_heads(F.linear(kv_input, self.to_kv.weight[:inner]))
+            v = self._split_heads(F.linear(kv_input, self.to_kv.weight[inner:]))
+        else:
+            k, v = (self._split_heads(t) for t in self.to_kv(kv_input).chunk(2, dim=-1))
         if self.null_kv is not None:
             batch = q.shape[0]
             null_k = self.null_kv[:, 0::2].unsqueeze(0).expand(batch, -1, -1, -1)
@@ -218,7 +289,14 @@ class LAPAQuantizerFeedForward(nn.Module):
         self.fc_out = nn.Linear(inner, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        value, gate = self.fc_in(self.norm(hidden_states)).chunk(2, dim=-1)
+        x = self.norm(hidden_states)
+        if backward_will_run():
+            # GEGLU through the two halves of `fc_in`'s weight (value, then gate): the backward pass then needs no
+            # concatenation of the two gradients, as it would after `chunk`.
+            inner = self.fc_out.in_features
+            value, gate = F.linear(x, self.fc_in.weight[:inner]), F.linear(x, self.fc_in.weight[inner:])
+        else:
+            value, gate = self.fc_in(x).chunk(2, dim=-1)
         return self.fc_out(F.gelu(gate) * value)
 
 
@@ -294,11 +372,13 @@ class LAPAQuantizerNSVQ(nn.Module):
         self.code_hits = torch.zeros((s if self.per_slot else 1) * config.codebook_size, dtype=torch.float64)
 
     def encode_frame(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h*w, D) -> (B*s, q), rows sample-major."""
+        """(B, h*w, D) -> (B*s, q), rows sample-major. In the parameters' precision even under autocast: the latent
+        is the difference of two of these, which bf16 would swamp with rounding when the frames are alike."""
         b, n, _ = tokens.shape
         side = self.config.grid_size
-        x = self.project_in(tokens).transpose(1, 2).reshape(b, -1, side, side)
-        x = self.downsample(x)
+        with full_precision(tokens):
+            x = self.project_in(tokens.to(self.project_in.weight.dtype)).transpose(1, 2).reshape(b, -1, side, side)
+            x = self.downsample(x)
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
     def _row_slots(self, num_rows: int, device) -> torch.Tensor:
@@ -312,7 +392,12 @@ class LAPAQuantizerNSVQ(nn.Module):
         return self.codebook[codes]
 
     def nearest_codes(self, latents: torch.Tensor) -> torch.Tensor:
-        """(N, q) -> (N,) indices of the nearest codebook vectors by squared L2 distance (N = B*s rows)."""
+        """(N, q) -> (N,) indices of the nearest codebook vectors by squared L2 distance (N = B*s rows), in the
+        parameters' precision even under autocast."""
+        with full_precision(latents):
+            return self._nearest_codes(latents.to(self.codebook.dtype))
+
+    def _nearest_codes(self, latents: torch.Tensor) -> torch.Tensor:
         if self.per_slot:
             x = latents.reshape(-1, self.config.code_seq_len, latents.shape[-1])  # (B, s, q)
             distances = (
@@ -547,7 +632,8 @@ class LAPAQuantizerModel(LAPAQuantizerPreTrainedModel):
             first_tokens.reshape(b, h * w, d), video_shape=(b, 1, h, w), position_bias=position_bias, context=action_tokens
         )
         p, c = self.config.patch_size, self.config.num_channels
-        pixels = self.to_pixels(x).reshape(b, h, w, c, p, p)
+        with full_precision(x):  # the predicted pixels (and so the loss) in the parameters' precision
+            pixels = self.to_pixels(x.to(self.to_pixels.weight.dtype)).reshape(b, h, w, c, p, p)
         return pixels.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h * p, w * p)
 
     def _latents(self, pixel_values: torch.Tensor):
@@ -555,11 +641,27 @@ class LAPAQuantizerModel(LAPAQuantizerPreTrainedModel):
         b = pixel_values.shape[0]
         tokens = self.patch_embedding(pixel_values.flatten(0, 1))
         tokens = tokens.reshape(b, 2, *tokens.shape[1:])
+        first_tokens, latents, position_bias = self._latents_of_tokens(tokens)
+        return first_tokens, latents, position_bias
+
+    def _latents_of_tokens(self, tokens: torch.Tensor):
+        """Patch tokens (B, 2, h, w, D) -> frame-t tokens, latents (B*s, q), position bias."""
+        # The residual streams in the parameters' precision (a no-op in fp32; under bf16 autocast only the GEMMs and
+        # convolutions run in bf16, their outputs are added to fp32 streams).
+        tokens = tokens.to(self.to_pixels.weight.dtype)
         grid = self.config.grid_size
         position_bias = self.spatial_position_bias(grid, grid)
         first, last = self._encode_tokens(tokens, position_bias)
         latents = self.quantizer.encode_frame(last) - self.quantizer.encode_frame(first)
         return tokens[:, 0], latents, position_bias
+
+    def _encoder_output(self, latents: torch.Tensor, b: int) -> LAPAQuantizerEncoderOutput:
+        s, q = self.config.code_seq_len, self.config.quant_dim
+        codes = self.quantizer.nearest_codes(latents)
+        quantized = self.quantizer.lookup(codes)
+        return LAPAQuantizerEncoderOutput(
+            codes=codes.reshape(b, s), latents=latents.reshape(b, s, q), quantized=quantized.reshape(b, s, q)
+        )
 
     def encode(self, pixel_values: torch.Tensor) -> LAPAQuantizerEncoderOutput:
         """Label frame pairs with latent actions.
@@ -570,13 +672,36 @@ class LAPAQuantizerModel(LAPAQuantizerPreTrainedModel):
             [`LAPAQuantizerEncoderOutput`] with `codes` (B, s), `latents` (B, s, q) and `quantized` (B, s, q).
         """
         self._check_frames(pixel_values, "pixel_values", 5, "(batch, 2, 3, H, W)")
-        b, s, q = pixel_values.shape[0], self.config.code_seq_len, self.config.quant_dim
         _, latents, _ = self._latents(pixel_values)
-        codes = self.quantizer.nearest_codes(latents)
-        quantized = self.quantizer.lookup(codes)
-        return LAPAQuantizerEncoderOutput(
-            codes=codes.reshape(b, s), latents=latents.reshape(b, s, q), quantized=quantized.reshape(b, s, q)
-        )
+        return self._encoder_output(latents, pixel_values.shape[0])
+
+    def encode_frame_pairs(
+        self, frames: torch.Tensor, first_index: torch.Tensor, second_index: torch.Tensor
+    ) -> LAPAQuantizerEncoderOutput:
+        """Label the pairs (frames[first_index[i]], frames[second_index[i]]) drawn from one set of frames (e.g. the
+        frames of a video, each the first frame of one pair and the second of others): the same codes as `encode` on
+        the stacked pairs, with each frame's patch embedding computed once however many pairs it is in.
+
+        Only the patch embedding is shared. The encoder's spatial stack sees each pair as a 2-frame video whose
+        position generators are causal in time, so the second frame's encoding depends on the first frame
+        (`tests/test_label_speed.py` checks it), and each frame is the first frame of one pair only.
+
+        Args:
+            frames (`torch.FloatTensor` of shape `(num_frames, 3, H, W)`): in [0, 1].
+            first_index, second_index (`torch.LongTensor` of shape `(batch_size,)`): rows of `frames`.
+        Returns:
+            [`LAPAQuantizerEncoderOutput`] as `encode`.
+        """
+        self._check_frames(frames, "frames", 4, "(num_frames, 3, H, W)")
+        if first_index.shape != second_index.shape or first_index.ndim != 1:
+            raise ValueError(
+                f"`first_index` and `second_index` must be 1-D of one length, got {tuple(first_index.shape)} and "
+                f"{tuple(second_index.shape)}."
+            )
+        tokens = self.patch_embedding(frames)
+        pair_tokens = torch.stack([tokens[first_index], tokens[second_index]], dim=1)  # (B, 2, h, w, D)
+        _, latents, _ = self._latents_of_tokens(pair_tokens)
+        return self._encoder_output(latents, first_index.shape[0])
 
     def decode(self, first_frame: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Predict frame t+H from frame t and a latent action: the world-model path.
@@ -590,7 +715,7 @@ class LAPAQuantizerModel(LAPAQuantizerPreTrainedModel):
         self._check_frames(first_frame, "first_frame", 4, "(batch, 3, H, W)")
         self._check_codes(codes, first_frame.shape[0])
         b = first_frame.shape[0]
-        first_tokens = self.patch_embedding(first_frame)
+        first_tokens = self.patch_embedding(first_frame).to(self.to_pixels.weight.dtype)
         grid = self.config.grid_size
         position_bias = self.spatial_position_bias(grid, grid)
         vectors = self.quantizer.lookup(codes.reshape(-1).to(self.quantizer.codebook.device))
