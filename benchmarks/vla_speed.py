@@ -21,6 +21,9 @@ Prediction, for the action block (D tokens) and the latent block (s tokens), at 
   the next row.
 - predict_action / predict_latent_actions: the public API on raw images and instructions (processor included;
   predict_action also turns the bins into continuous actions).
+- chunking rows ("predict_action (k=4)"): a model predicting k future actions per call (k x D tokens) against the
+  single-step model's predict_action, in actions per second (speed-up = the ratio of actions/s); "static" with the
+  static cache. Check: the static path's actions equal the dynamic path's.
 - "(static)" rows: the same calls with `cache_implementation="static"` (a preallocated StaticCache and a decoding
   step compiled by torch.compile per shape). Their compilation runs before timing and is reported apart
   (`compile_s`).
@@ -71,14 +74,15 @@ DATASET = "random"
 
 
 def build(family: str, attn_implementation: str, num_bins: int, action_dim: int, num_latent_codes: int,
-          latent_length: int, seed: int):
-    """The tiny preset's processor and model (random init), with an action tokenizer fitted on random actions."""
+          latent_length: int, seed: int, chunk_size: int = 1):
+    """The tiny preset's processor and model (random init), with an action tokenizer fitted on random actions;
+    `chunk_size` = k actions per prediction (action chunking)."""
     torch.manual_seed(seed)
     backbone_config = tiny_backbone_config(family, **TINY_BACKBONE_SIZES)
     processor = LAPAProcessor.from_components(
         build_tiny_tokenizer(), LAPAImageProcessor(size=TINY_BACKBONE_SIZES["image_size"]),
         num_latent_codes=num_latent_codes, latent_sequence_length=latent_length, num_action_bins=num_bins,
-        num_image_tokens=count_image_tokens(backbone_config),
+        num_image_tokens=count_image_tokens(backbone_config), action_chunk_size=chunk_size,
     )
     rng = np.random.default_rng(seed)
     processor.fit_action_tokenizer(rng.normal(size=(20 * num_bins, action_dim)).astype(np.float32), dataset=DATASET)
@@ -219,6 +223,36 @@ def bench_prediction(model, processor, block: str, batch: int, input_size: int, 
     return rows
 
 
+def bench_chunking(single, chunked, batch: int, input_size: int, repeats: int, warmup: int, seed: int) -> list[dict]:
+    """Actions per second of a chunking model (k actions per call, k x D tokens) against the single-step model's
+    predict_action (one action per call), both with the dynamic and the static cache, called in turn."""
+    images = random_images(batch, input_size, seed)
+    instructions = instructions_for(batch)
+    k = chunked.config.action_chunk_size
+    functions = {
+        "predict_action (k=1)": lambda: single.predict_action(images, instructions),
+        f"predict_action (k={k})": lambda: chunked.predict_action(images, instructions),
+        f"predict_action (k={k}) static": lambda: chunked.predict_action(images, instructions,
+                                                                         cache_implementation="static"),
+    }
+    functions[f"predict_action (k={k}) static"]()  # compile before timing
+    seconds = time_in_turn(functions, repeats, warmup)
+    dynamic = chunked.predict_action(images, instructions)
+    check = bool(np.array_equal(dynamic, chunked.predict_action(images, instructions, cache_implementation="static")))
+    base_median, _ = stats_ms(seconds["predict_action (k=1)"])
+    rows = []
+    for name, times in seconds.items():
+        median, p90 = stats_ms(times)
+        per_call = 1 if name == "predict_action (k=1)" else k
+        rows.append(dict(
+            what=name, block="action", batch=batch, tokens_per_item=None, preprocessing=True, median_ms=median,
+            p90_ms=p90, items_per_s=batch * per_call / (median / 1e3), item="action", baseline="predict_action (k=1)",
+            speedup_vs_baseline=(batch * per_call / median) / (batch / base_median), check=None if per_call == 1
+            else check, generated_tokens_in_block=None, repeats=len(times), actions_per_call=per_call,
+        ))
+    return rows
+
+
 def bench_training(model, processor, batch: int, input_size: int, steps: int, warmup: int, seed: int) -> dict:
     """Forward + backward + clip + AdamW steps on a latent-pretraining batch; per-step times, tokens/s, peak RSS."""
     rng = np.random.default_rng(seed)
@@ -294,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-warmup", type=int, default=2,
                         help="untimed training steps per batch size before timing (default: 2)")
     parser.add_argument("--action-dim", type=int, default=7, help="D, dimensions of the fitted actions (default: 7)")
+    parser.add_argument("--chunk-size", type=int, default=4,
+                        help="k of the action-chunking rows (actions/s of a model predicting k actions per call "
+                             "against the single-step one; default: 4, 1 skips them)")
     parser.add_argument("--num-bins", type=int, default=256, help="N, action bins per dimension (default: 256)")
     parser.add_argument("--num-latent-codes", type=int, default=8, help="|C|, latent codebook size (default: 8)")
     parser.add_argument("--latent-length", type=int, default=4, help="s, latent codes per action (default: 4)")
@@ -328,6 +365,14 @@ def main(argv=None):
             rows += new
             print("  " + "  ".join(f"{r['what']} {r['median_ms']:.1f} ms" for r in new) + f"  (batch {batch})",
                   flush=True)
+    if args.chunk_size > 1:
+        _, chunked = build(args.family, args.attn_implementation, args.num_bins, args.action_dim,
+                           args.num_latent_codes, args.latent_length, args.seed, chunk_size=args.chunk_size)
+        for batch in args.batch_sizes:
+            new = bench_chunking(model, chunked, batch, args.input_size, args.repeats, args.warmup, args.seed)
+            rows += new
+            print("  " + "  ".join(f"{r['what']} {r['items_per_s']:.0f} actions/s" for r in new)
+                  + f"  (batch {batch})", flush=True)
     for batch in args.train_batch_sizes:
         row = bench_training(model, processor, batch, args.input_size, args.train_steps, args.train_warmup,
                              args.seed)
