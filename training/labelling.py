@@ -21,7 +21,7 @@ written last and the work dir is removed after it, so a folder with `info.json` 
 
 Codes do not depend on the number of processes: each episode's pairs are encoded in chunks of `batch_size` that
 start at the episode's first frame, in fp32 and eval mode, so every pair is computed in the same batch whatever
-process takes its shard.
+process takes its shard (a chunk split over encoding threads gives its pairs the same codes, bit for bit).
 
 A LeRobot v2.x source (one data and one video file per episode) becomes a v3.0 dataset without touching its
 frames (`training/data/lerobot_legacy.py`).
@@ -391,25 +391,71 @@ def pair_targets(length: int, gap_frames: int) -> np.ndarray:
     return np.minimum(np.arange(length, dtype=np.int64) + gap_frames, length - 1)
 
 
-@torch.inference_mode()
+class EncodingThreads:
+    """CPU threads for `encode_episode`: each chunk's pairs are split into `count` contiguous parts encoded side by
+    side, each thread running PyTorch with one intra-op thread. A context manager: it sets PyTorch's intra-op
+    threads to 1 on entry and back on exit.
+
+    Why: with intra-op threads, every operator of the small quantizer is a parallel region whose threads wait for
+    each other; on 2 cores shared with a decoding worker or another job a waiting thread is often descheduled, and
+    the model runs several times slower (benchmarks/label_speed.py). Threads that each encode their own part never
+    wait for each other. A pair's codes do not change: its rows go through the same per-row computations (the
+    tests check the codes against whole chunks on one thread)."""
+
+    def __init__(self, count: int):
+        if count < 1:
+            raise ValueError(f"the number of encoding threads must be at least 1, got {count}")
+        self.count = count
+
+    def __enter__(self) -> "EncodingThreads":
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self._pool = ThreadPoolExecutor(self.count, thread_name_prefix="encode")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown()
+        torch.set_num_threads(self._previous)
+
+    def map(self, function, items: list) -> list:
+        return list(self._pool.map(function, items))
+
+
 def encode_episode(
-    model, frames: torch.Tensor | np.ndarray, gap_frames: int, batch_size: int, device: torch.device | str = "cpu"
+    model, frames: torch.Tensor | np.ndarray, gap_frames: int, batch_size: int, device: torch.device | str = "cpu",
+    threads: EncodingThreads | None = None,
 ) -> np.ndarray:
     """Latent actions of every frame of one episode: (T, s) int64.
 
     `frames` is the episode decoded at the quantizer's size, (T, S, S, 3) uint8. Pairs are encoded in chunks of
     `batch_size` starting at frame 0, so a frame's batch (and so its codes, bit for bit) does not depend on how
-    the work is spread over processes.
+    the work is spread over processes. The pairs of a chunk [a, b) need frames a .. target(b - 1), one contiguous
+    run: each is converted and patch-embedded once (`LAPAQuantizerModel.encode_frame_pairs`), not once per pair.
+    With `threads` (an entered `EncodingThreads`), each chunk is split over them.
     """
     frames = torch.as_tensor(frames)
     length = int(frames.shape[0])
     targets = torch.from_numpy(pair_targets(length, gap_frames))
+
+    @torch.inference_mode()
+    def encode_part(part: tuple[int, int]) -> torch.Tensor:
+        start, stop = part
+        last = int(targets[stop - 1])  # targets never decrease: the part's frames are start .. last
+        pixels = frames[start : last + 1].permute(0, 3, 1, 2).to(device).float().div_(255.0)  # (n, 3, S, S)
+        first = torch.arange(stop - start, device=pixels.device)
+        second = (targets[start:stop] - start).to(pixels.device)
+        return model.encode_frame_pairs(pixels, first, second).codes.cpu()
+
     codes = []
     for start in range(0, length, batch_size):
         stop = min(start + batch_size, length)
-        pair = torch.stack([frames[start:stop], frames[targets[start:stop]]], dim=1)  # (B, 2, S, S, 3)
-        pixel_values = pair.permute(0, 1, 4, 2, 3).contiguous().to(device).float().div_(255.0)
-        codes.append(model.encode(pixel_values).codes.cpu())
+        if threads is None:
+            codes.append(encode_part((start, stop)))
+            continue
+        bounds = np.linspace(start, stop, min(threads.count, stop - start) + 1).round().astype(int)
+        codes.extend(threads.map(encode_part, list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))))
     if not codes:
         return np.zeros((0, model.config.code_seq_len), dtype=np.int64)
     return torch.cat(codes).numpy().astype(np.int64)
