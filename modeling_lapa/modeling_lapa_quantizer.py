@@ -124,10 +124,12 @@ class LAPAQuantizerPositionBias(nn.Module):
     def forward(self, grid_h: int, grid_w: int) -> torch.Tensor:
         weight = self.mlp[0].weight
         key = None
-        if not torch.is_grad_enabled():
+        parameters = list(self.parameters())
+        # Weights made under inference_mode have no version counter: no caching for them.
+        if not torch.is_grad_enabled() and not any(p.is_inference() for p in parameters):
             # The cached bias stays valid while no weight changed: data pointers and version counters of the weights.
             key = (grid_h, grid_w, torch.is_inference_mode_enabled(),
-                   tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters()))
+                   tuple((p.data_ptr(), p._version, p.dtype) for p in parameters))
             if self._bias is not None and self._bias[0] == key:
                 return self._bias[1]
         offsets = self.offsets(grid_h, grid_w, weight.device, weight.dtype)
