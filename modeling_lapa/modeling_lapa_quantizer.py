@@ -73,6 +73,12 @@ class LAPAQuantizerOutput(ModelOutput):
     replaced_codes: torch.LongTensor | None = None
 
 
+def full_precision(tensor: torch.Tensor):
+    """A context without autocast on `tensor`'s device: what runs in it keeps the parameters' precision (fp32) when
+    training under bf16 autocast (`--mixed-precision bf16`). Without autocast it changes nothing."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 class LAPAQuantizerPatchEmbedding(nn.Module):
     """Frame (N, C, H, W) -> tokens (N, h, w, D): p x p patches flattened in (channel, row, col) order, then
     LayerNorm -> Linear -> LayerNorm. Shared by both frames of a pair."""
@@ -133,9 +139,10 @@ class LAPAQuantizerPositionBias(nn.Module):
             if self._bias is not None and self._bias[0] == key:
                 return self._bias[1]
         offsets = self.offsets(grid_h, grid_w, weight.device, weight.dtype)
-        hidden = F.leaky_relu(self.mlp[0](offsets), 0.1)
-        hidden = F.leaky_relu(self.mlp[1](hidden), 0.1)
-        bias = self.mlp[2](hidden).permute(2, 0, 1)
+        with full_precision(offsets):  # in the weights' precision even under autocast (and so cached for both)
+            hidden = F.leaky_relu(self.mlp[0](offsets), 0.1)
+            hidden = F.leaky_relu(self.mlp[1](hidden), 0.1)
+            bias = self.mlp[2](hidden).permute(2, 0, 1)
         if key is not None:
             self._bias = (key, bias)
         return bias
@@ -187,12 +194,6 @@ class LAPAQuantizerPositionGenerator(nn.Module):
             outputs.append(out)
         out = outputs[0].unsqueeze(1) if t == 1 else torch.stack(outputs, dim=1)
         return out.permute(0, 1, 3, 4, 2).reshape(hidden_states.shape)
-
-
-def full_precision(tensor: torch.Tensor):
-    """A context without autocast on `tensor`'s device: what runs in it keeps the parameters' precision (fp32) when
-    training under bf16 autocast (`--mixed-precision bf16`). Without autocast it changes nothing."""
-    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 def eager_attention(q, k, v, bias, scale):

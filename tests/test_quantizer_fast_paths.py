@@ -141,3 +141,16 @@ def test_bf16_autocast_keeps_quantisation_and_pixels_in_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model(pairs)
     assert (bf16.reconstruction - fp32.reconstruction).abs().max() < 0.1  # bf16's rounding, not a different model
+
+
+def test_a_forward_under_autocast_leaves_no_bf16_position_bias_for_fp32_calls():
+    """Training with --mixed-precision bf16 evaluates through the autocast-wrapped forward and the plain encode."""
+    model, pairs = make(seed=6)
+    model.eval()
+    with torch.no_grad():
+        expected = model.encode(pairs).latents
+        model.spatial_position_bias._bias = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(pairs)
+        assert model.spatial_position_bias(8, 8).dtype == torch.float32
+        assert torch.equal(model.encode(pairs).latents, expected)
