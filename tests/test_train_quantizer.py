@@ -70,8 +70,9 @@ def test_settings_resolve_defaults_preset_file_then_command_line(tmp_path):
                        "hidden_size": 64, "num_heads": 2}
     assert resolve_config(["--preset", "reference", "--dataset", "d"]).model == {}  # the reference stays the reference
     assert c.model_preset == "tiny" and c.dataset == ["a"]
-    c = resolve_config(["--dataset", "a", "--adam-betas", "[0.8, 0.9]", "--mixed-precision", "bf16"])
-    assert c.adam_betas == [0.8, 0.9] and c.mixed_precision == "bf16"
+    c = resolve_config(["--dataset", "a", "--adam-betas", "[0.8, 0.9]", "--mixed-precision", "bf16", "--compile"])
+    assert c.adam_betas == [0.8, 0.9] and c.mixed_precision == "bf16" and c.compile
+    assert not reference.compile and reference.mixed_precision == "no"  # speed options are off in the presets
 
 
 def test_unknown_or_bad_settings_are_refused(tmp_path):

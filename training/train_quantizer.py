@@ -77,8 +77,13 @@ class QuantizerTrainingConfig:
     max_grad_norm: float = 0.5
     batch_size: int = 64  # per device
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # "no" or "bf16" (through Accelerate)
+    # "no" or "bf16" (Accelerate's autocast: GEMMs, convolutions and attention in bf16; the residual streams, the NSVQ
+    # codes and the pixels stay fp32). Off in every preset: it changes the numbers (benchmarks/quantizer_speed.py)
+    mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    # torch.compile the three transformer stacks (inductor): the same numbers within fp32 noise; worth its minutes of
+    # compiling on long runs, mostly with bf16 (benchmarks/quantizer_speed.py --compile)
+    compile: bool = False
     max_steps: int = 100_000
     # No codebook replacement in the last N steps: a code replaced at the very end has no time to take pairs, and
     # the final model would carry it unused (the reference's schedule ends at step 4500 of 100k, so this never
@@ -347,6 +352,9 @@ def train(c: QuantizerTrainingConfig) -> dict:
     model.config.gap_seconds = c.gap_seconds  # what the quantizer tells the labelling stage (saved in config.json)
     if c.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if c.compile:
+        for stack in (model.encoder_spatial, model.encoder_temporal, model.decoder_spatial):
+            stack.compile()  # in place: the state_dict keeps its keys
     data = build_data(c, engine.accelerator, model.config.image_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.learning_rate, betas=tuple(c.adam_betas),
                                  weight_decay=c.weight_decay)
