@@ -36,7 +36,8 @@ PRESETS: dict[str, dict] = {
         spatial_depth=8, temporal_depth=8, num_heads=16, head_dim=64,
     ),
     # A CPU-sized model for 64 x 64 px frames (8 x 8 grid of 8 px patches, so the same NSVQ layout as the
-    # reference); about 1.2M parameters; trains on Meta-World at a few hundred pairs/s on 2 cores.
+    # reference); about 1.2M parameters; trains at roughly 50-80 pairs/s on 2 CPU cores in fp32 (about twice that
+    # with --mixed-precision bf16; benchmarks/quantizer_speed.py).
     "tiny": dict(
         hidden_size=128, quant_dim=32, codebook_size=8, code_seq_len=4, image_size=64, patch_size=8,
         spatial_depth=2, temporal_depth=2, num_heads=4, head_dim=32,
