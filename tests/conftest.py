@@ -30,3 +30,15 @@ def _seed_everything():
     yield
 
 
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on 2
+    shared cores, spinning threads make small models many times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

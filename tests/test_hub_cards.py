@@ -41,12 +41,7 @@ SHORT_RUN = dict(max_steps=2, eval_every=2, save_every=2, batch_size=4, holdout_
                  log_every=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train_runs(root: Path) -> None:

@@ -16,13 +16,7 @@ from training.labelling import EncodingThreads, encode_episode, pair_targets
 GAP = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, spinning threads make these small models many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_model(seed=3):

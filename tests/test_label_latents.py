@@ -65,14 +65,8 @@ def _write_source(root: Path, lengths=LENGTHS) -> None:
             )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The in-process runs use one thread, like each process of the 2-process runs (OMP_NUM_THREADS=1): on 2
-    shared cores, two spinning threads make the tiny model 10-30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The in-process runs use one thread, like each process of the 2-process runs (OMP_NUM_THREADS=1).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,7 @@ from benchmarks.quantizer_baseline import reference_encode, reference_forward, r
 from modeling_lapa import LAPAQuantizerConfig, LAPAQuantizerModel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, spinning threads make these small models many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(**overrides):
