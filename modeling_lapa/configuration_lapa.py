@@ -45,10 +45,15 @@ def count_image_tokens(backbone_config: PretrainedConfig, vqgan_config: LWMVQGAN
 
 
 def tiny_backbone_config(family: str = "llava", image_size: int = 32, patch_size: int = 8, hidden_size: int = 64,
-                         num_layers: int = 2, vocab_size: int = 512) -> PretrainedConfig:
+                         num_layers: int = 2, vocab_size: int = 512, vision_hidden_size: int = 32,
+                         vision_num_layers: int = 2) -> PretrainedConfig:
     """A tiny random-init backbone config of `family`, built in code (tests, CPU runs). The text vocabulary is set
-    later from the processor (`LAPAConfig.from_processor`)."""
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    later from the processor (`LAPAConfig.from_processor`). The vision encoder is `vision_num_layers` layers of width
+    `vision_hidden_size` (2 heads at 32, one more per 32 beyond that: head size 16 or 32)."""
+    if vision_hidden_size < 16 or vision_hidden_size % 16:
+        raise ValueError(f"vision_hidden_size must be a positive multiple of 16, got {vision_hidden_size}")
+    vision = dict(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+                  num_hidden_layers=vision_num_layers, num_attention_heads=max(2, vision_hidden_size // 32),
                   image_size=image_size, patch_size=patch_size)
     text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                 num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,

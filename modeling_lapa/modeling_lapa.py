@@ -109,9 +109,22 @@ class LAPAForActionPrediction(LAPAPreTrainedModel, GenerationMixin):
 
     def apply_freezing(self) -> None:
         """Freeze the vision encoder when `config.freeze_vision_encoder` (re-applied after loading, which builds new
-        parameters)."""
+        parameters), and always the parameters the forward pass never uses (`unused_modules`): they would get no
+        gradient, which multi-process training (DistributedDataParallel) refuses."""
         if self.config.freeze_vision_encoder:
             self.vision_encoder.requires_grad_(False)
+        for module in self.unused_modules():
+            module.requires_grad_(False)
+
+    def unused_modules(self) -> list[nn.Module]:
+        """Backbone modules outside the forward pass: LLaVA takes the image features from the vision tower's hidden
+        states (`vision_feature_layer`), so a CLIP tower's final `post_layernorm` is never applied."""
+        if self.config.backbone_family != "llava":
+            return []
+        tower = self.vision_encoder
+        tower = getattr(tower, "vision_model", tower)
+        norm = getattr(tower, "post_layernorm", None)
+        return [norm] if isinstance(norm, nn.Module) else []
 
     # -- structure ---------------------------------------------------------------------------------------------------
     @property

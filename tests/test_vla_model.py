@@ -195,6 +195,21 @@ def test_vision_encoder_frozen_by_default_and_optionally_trained(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_every_trainable_parameter_gets_a_gradient(family):
+    """DistributedDataParallel refuses trainable parameters outside the forward pass: with the vision encoder trained,
+    one backward must reach every parameter that requires a gradient (LLaVA never applies CLIP's post_layernorm)."""
+    model, processor = build(family, freeze=False)
+    model.train()
+    batch = processor(images=images(), text=INSTRUCTIONS, actions=np.zeros((2, ACTION_DIM), np.float32), dataset="toy")
+    model(**batch).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == (["backbone.model.vision_tower.post_layernorm.weight", "backbone.model.vision_tower.post_layernorm.bias"]
+                      if family == "llava" else [])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_round_trip_with_automodel_and_autoprocessor(family, tmp_path):
     model, processor = build(family)
     model.save_pretrained(tmp_path)
@@ -483,3 +498,16 @@ def test_a_chunking_lora_adapter_on_a_single_step_base_merges_with_the_adapters_
     merged = AutoModel.from_pretrained(tmp_path / "merged").eval()
     assert merged.config.action_chunk_size == CHUNK
     assert merged.predict_action(images(), INSTRUCTIONS).shape == (2, CHUNK, ACTION_DIM)
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_tiny_vision_encoder_width_and_depth(family):
+    default = tiny_backbone_config(family, image_size=32, patch_size=8).vision_config
+    assert (default.hidden_size, default.intermediate_size, default.num_hidden_layers,
+            default.num_attention_heads) == (32, 64, 2, 2)  # what every tiny model before these settings had
+    wide = tiny_backbone_config(family, image_size=32, patch_size=8, vision_hidden_size=128,
+                                vision_num_layers=3).vision_config
+    assert (wide.hidden_size, wide.intermediate_size, wide.num_hidden_layers, wide.num_attention_heads) == (
+        128, 256, 3, 4)
+    with pytest.raises(ValueError, match="vision_hidden_size must be a positive multiple of 16"):
+        tiny_backbone_config(family, vision_hidden_size=40)

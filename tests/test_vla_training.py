@@ -202,8 +202,9 @@ def test_two_process_pretraining_under_accelerate_launch(dataset, tmp_path):
     from support import REPO_ROOT, accelerate_launch
 
     out = tmp_path / "ddp"
+    # the vision encoder trains too: DistributedDataParallel refuses trainable parameters the forward never uses
     result = accelerate_launch(REPO_ROOT / "training" / "pretrain.py", *common(dataset, out, 4), "--save-every", "2",
-                               "--eval-every", "100")
+                               "--eval-every", "100", "--no-freeze-vision-encoder")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((out / "model" / "training_config.json").read_text())
     assert record["world_size"] == 2 and record["effective_batch_size"] == 16

@@ -53,7 +53,8 @@ class VLATrainingConfig:
     target: str = "latent"  # "latent" (latent pretraining) or "action" (ground-truth actions: finetuning, ACTIONVLA)
     backbone: str = "tiny-llava"  # tiny-llava | tiny-idefics3 | a Hub id or folder of an image-text-to-text model
     init_from: str | None = None  # a LAPA model folder (e.g. the latent-pretrained model to finetune)
-    tiny: dict = field(default_factory=dict)  # tiny backbone sizes: image_size, patch_size, hidden_size, num_layers
+    tiny: dict = field(default_factory=dict)  # tiny backbone sizes: image_size, patch_size, hidden_size, num_layers,
+    # vision_hidden_size, vision_num_layers (TINY_BACKBONE_SIZES)
     freeze_vision_encoder: bool = True
     attn_implementation: str = "sdpa"
     # processor
@@ -107,7 +108,8 @@ class VLATrainingConfig:
     resume: bool = False
 
 
-TINY_BACKBONE_SIZES = dict(image_size=64, patch_size=8, hidden_size=128, num_layers=4)
+TINY_BACKBONE_SIZES = dict(image_size=64, patch_size=8, hidden_size=128, num_layers=4, vision_hidden_size=32,
+                           vision_num_layers=2)
 
 STAGE_PRESETS: dict[str, dict[str, dict]] = {
     "pretrain": {
@@ -202,6 +204,7 @@ def build_processor_and_model(c: VLATrainingConfig, num_latent_codes: int, laten
         if model.config.freeze_vision_encoder != c.freeze_vision_encoder:
             model.config.freeze_vision_encoder = c.freeze_vision_encoder
             model.vision_encoder.requires_grad_(not c.freeze_vision_encoder)
+            model.apply_freezing()  # the parameters outside the forward pass stay frozen
         if model.config.num_action_bins != c.num_action_bins and c.target == "action":
             raise ValueError(f"{c.init_from} has {model.config.num_action_bins} action bins, the run asks for "
                              f"{c.num_action_bins}")
