@@ -322,3 +322,32 @@ def test_failed_episodes_are_recorded_or_skipped(tmp_path):
     assert [episode["episode_seed"] for episode in episodes] == [0, 1, 3]
     assert all(bool(episode["success"]) for episode in episodes)
     assert only.tasks["door-open-v3"].seeds_tried >= 4
+
+
+def test_full_chroma_lossless_video_keeps_the_rendered_frames(tmp_path):
+    """`pix_fmt="yuv444p", crf=0` stores what the policy sees in closed loop (a fresh render) up to RGB<->YUV
+    rounding, where the default yuv420p at crf 23 smears single-pixel details such as the goal markers."""
+    errors = {}
+    for pix_fmt, crf in (("yuv444p", 0), ("yuv420p", 23)):
+        config = tiny_config(tasks=("reach-v3",), cameras=("corner",), crf=crf, pix_fmt=pix_fmt, max_steps=4)
+        output = tmp_path / pix_fmt
+        generate_dataset(config, output, progress=False)
+        dataset = load_lerobot_dataset(output)
+        video_info = dataset.meta.info["features"]["observation.images.corner"]["info"]
+        assert (video_info["video.pix_fmt"], video_info["video.crf"]) == (pix_fmt, crf)
+        stored = dataset.decode_episode(0, "observation.images.corner")[0].astype(np.int16)
+        env = MetaWorldTaskEnv("reach-v3", cameras=("corner",), image_size=TINY_IMAGE_SIZE)
+        try:
+            env.reset(config.episode_seed(0))
+            rendered = env.render()["corner"].astype(np.int16)
+        finally:
+            env.close()
+        errors[pix_fmt] = np.abs(stored - rendered)
+    assert errors["yuv444p"].max() <= 3, errors["yuv444p"].max()
+    assert errors["yuv420p"].mean() > 3 * errors["yuv444p"].mean()
+    assert errors["yuv420p"].max() > 40  # sharp single-pixel details are what yuv420p loses
+
+
+def test_generation_rejects_unknown_pixel_format():
+    with pytest.raises(ValueError, match="pix_fmt must be 'yuv420p' or 'yuv444p'"):
+        tiny_config(pix_fmt="rgb24")

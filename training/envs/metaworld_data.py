@@ -78,7 +78,9 @@ class GenerationConfig:
             ``episodes_per_task`` of them (or ``max_attempts_per_task`` seeds were tried).
         num_workers: parallel processes; 1 runs in this process.
         supersample: render at this multiple of ``image_size`` and average down (antialiasing).
-        crf: H.264 quality (x264's constant rate factor; 23 is its default).
+        crf: H.264 quality (x264's constant rate factor; 23 is its default; 0 is lossless in YUV).
+        pix_fmt: "yuv420p" (plays everywhere; halves colour resolution) or "yuv444p" (full colour resolution: at
+            64 px Meta-World's goal markers are single pixels, which yuv420p at crf 23 smears into the background).
     """
 
     tasks: tuple[str, ...]
@@ -94,6 +96,7 @@ class GenerationConfig:
     num_workers: int = 1
     supersample: int = 1
     crf: int = 23
+    pix_fmt: str = "yuv420p"
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -127,6 +130,10 @@ class GenerationConfig:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {self.supersample}")
+        if self.pix_fmt not in ("yuv420p", "yuv444p"):
+            raise ValueError(f"pix_fmt must be 'yuv420p' or 'yuv444p', got {self.pix_fmt!r}")
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"crf must be in [0, 51] (x264's range), got {self.crf}")
 
     @property
     def max_attempts_per_task(self) -> int:
@@ -489,7 +496,7 @@ def generate_dataset(
             for task in config.tasks:
                 summary.tasks[task].seeds_tried = config.episodes_per_task
         writer = LeRobotDatasetWriter(
-            output, fps=config.fps, robot_type=ROBOT_TYPE, crf=config.crf,
+            output, fps=config.fps, robot_type=ROBOT_TYPE, crf=config.crf, pix_fmt=config.pix_fmt,
             feature_names=feature_names, overwrite=overwrite,
         )
         with writer, tqdm(total=len(specs), desc="recording episodes", unit="episode",
@@ -607,7 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep only successful episodes, trying further seeds to reach the count")
     parser.add_argument("--supersample", type=int, default=1,
                         help="render at this multiple of the size and average down (antialiasing; default 1)")
-    parser.add_argument("--crf", type=int, default=23, help="H.264 quality, lower is better (default 23)")
+    parser.add_argument("--crf", type=int, default=23,
+                        help="H.264 quality, lower is better (default 23; 0 is lossless in YUV)")
+    parser.add_argument("--pix-fmt", choices=("yuv420p", "yuv444p"), default="yuv420p",
+                        help="yuv420p (default, plays everywhere) or yuv444p (full colour resolution: keeps "
+                             "single-pixel goal markers at small sizes)")
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                         help="replace an existing output folder")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -635,6 +646,7 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
         num_workers=args.num_workers,
         supersample=args.supersample,
         crf=args.crf,
+        pix_fmt=args.pix_fmt,
     )
 
 
