@@ -74,6 +74,8 @@ def test_the_smoke_preset_runs_all_four_methods_in_both_settings(tmp_path):
     cross = load_lerobot_dataset(out / "data" / "cross_tasks")
     instructions = {cross.episode_task(e) for e in range(cross.meta.total_episodes)}
     assert instructions == {TASK_INSTRUCTIONS["reach-wall-v3"], TASK_INSTRUCTIONS["door-close-v3"]}
+    video = cross.meta.info["features"]["observation.images.corner"]["info"]
+    assert (video["video.pix_fmt"], video["video.crf"]) == ("yuv420p", 23)  # the preset's video settings
     # validation episodes start from the validation seed block
     info = json.loads((out / "eval" / "validation" / "in_domain_lapa" / "seed0" / "eval_info.json").read_text())
     assert info["per_task"][0]["metrics"]["seeds"] == [10**9 + 100 * 10**6]
@@ -88,3 +90,8 @@ def test_the_smoke_preset_runs_all_four_methods_in_both_settings(tmp_path):
     assert all(name.startswith("closed loop (test)") for name in test["stage_seconds_this_run"])
     info = json.loads((out / "eval" / "test" / "scratch" / "seed0" / "eval_info.json").read_text())
     assert info["per_task"][0]["metrics"]["seeds"] == [10**9 + 200 * 10**6]
+
+    # a cached dataset made with other settings is refused, not reused
+    with pytest.raises(ValueError, match="generated with other settings.*pix_fmt: yuv420p there, yuv444p here"):
+        pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--video-pix-fmt", "yuv444p",
+                                  "--video-crf", "0"]))
