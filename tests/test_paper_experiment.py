@@ -43,6 +43,10 @@ def test_bad_settings_are_refused(capsys):
     assert "must not see the evaluated tasks" in capsys.readouterr().err
     assert pe.main(["--preset", "smoke", "--finetune-episodes", "3"]) == 2
     assert pe.main(["--preset", "smoke", "--codebook-sweep", "1,4"]) == 2
+    assert pe.main(["--preset", "smoke", "--quantizer-mixed-precision", "fp16"]) == 2
+    assert "quantizer_mixed_precision must be 'no' or 'bf16'" in capsys.readouterr().err
+    config = pe.resolve_config(["--preset", "smoke", "--quantizer-mixed-precision", "bf16", "--video-crf", "0"])
+    assert (config.quantizer_mixed_precision, config.video_crf, config.video_pix_fmt) == ("bf16", 0, "yuv420p")
 
 
 @pytest.mark.slow
