@@ -198,8 +198,8 @@ def _check_cached_data(folder: Path, config: GenerationConfig) -> None:
               "image_size": config.image_size, "pix_fmt": config.pix_fmt, "crf": config.crf}
     different = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
     if different:
-        raise ValueError(f"{folder} was generated with other settings ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in different.items())}); "
-                         f"use another --output-dir or delete it")
+        listed = ", ".join(f"{k}: {a} there, {b} here" for k, (a, b) in different.items())
+        raise ValueError(f"{folder} was generated with other settings ({listed}); use another --output-dir or delete it")
 
 
 class Experiment:

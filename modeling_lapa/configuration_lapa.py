@@ -49,9 +49,9 @@ def tiny_backbone_config(family: str = "llava", image_size: int = 32, patch_size
                          vision_num_layers: int = 2) -> PretrainedConfig:
     """A tiny random-init backbone config of `family`, built in code (tests, CPU runs). The text vocabulary is set
     later from the processor (`LAPAConfig.from_processor`). The vision encoder is `vision_num_layers` layers of width
-    `vision_hidden_size` (2 heads at 32, one more per 32 beyond that: head size 16 or 32)."""
-    if vision_hidden_size < 16 or vision_hidden_size % 16:
-        raise ValueError(f"vision_hidden_size must be a positive multiple of 16, got {vision_hidden_size}")
+    `vision_hidden_size` (a multiple of 32; 2 heads up to 64, then one head per 32)."""
+    if vision_hidden_size < 32 or vision_hidden_size % 32:
+        raise ValueError(f"vision_hidden_size must be a positive multiple of 32, got {vision_hidden_size}")
     vision = dict(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
                   num_hidden_layers=vision_num_layers, num_attention_heads=max(2, vision_hidden_size // 32),
                   image_size=image_size, patch_size=patch_size)

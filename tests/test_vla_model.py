@@ -509,5 +509,7 @@ def test_tiny_vision_encoder_width_and_depth(family):
                                 vision_num_layers=3).vision_config
     assert (wide.hidden_size, wide.intermediate_size, wide.num_hidden_layers, wide.num_attention_heads) == (
         128, 256, 3, 4)
-    with pytest.raises(ValueError, match="vision_hidden_size must be a positive multiple of 16"):
-        tiny_backbone_config(family, vision_hidden_size=40)
+    for width, heads in ((64, 2), (96, 3)):
+        assert tiny_backbone_config(family, vision_hidden_size=width).vision_config.num_attention_heads == heads
+    with pytest.raises(ValueError, match="vision_hidden_size must be a positive multiple of 32"):
+        tiny_backbone_config(family, vision_hidden_size=48)
