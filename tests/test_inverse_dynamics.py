@@ -4,6 +4,7 @@ other columns and videos are kept, and saves/loads strictly."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -71,9 +72,32 @@ def test_the_idm_learns_actions_from_frame_pairs_and_pseudo_labels_a_dataset(squ
     np.testing.assert_allclose(pseudo.meta.stats["action"]["mean"], all_new.mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_an_interrupted_idm_run_resumes_to_the_same_model(square_dataset, tmp_path):
+    """A run killed after a checkpoint continues from it: same weights as one uninterrupted run, bit for bit."""
+    def config(folder, **kw):
+        return IDMTrainingConfig(dataset=str(square_dataset), episodes=list(range(10)), output_dir=str(folder), width=8,
+                                 hidden_size=32, image_size=SIZE, gap_seconds=0.2, learning_rate=3e-3, batch_size=16,
+                                 max_steps=12, save_every=5, **kw)
+    whole = train_idm(config(tmp_path / "whole"))
+    assert [p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()] == ["step-0000010"]  # the latest kept
+
+    # what a run killed between steps 10 and 12 leaves: its checkpoints and no model
+    shutil.copytree(tmp_path / "whole" / "checkpoints", tmp_path / "killed" / "checkpoints")
+    resumed = train_idm(config(tmp_path / "killed"))
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0)
+    assert json.loads((tmp_path / "killed" / "idm_metrics.json").read_text())["steps"] == 12
+
+    shutil.copytree(tmp_path / "whole" / "checkpoints", tmp_path / "other" / "checkpoints")
+    with pytest.raises(ValueError, match="other settings"):
+        train_idm(config(tmp_path / "other", seed=1))
+
+
 def test_bad_input_is_refused(square_dataset, tmp_path):
     with pytest.raises(ValueError, match="frame pairs"):
         InverseDynamicsModel(IDMConfig(width=8))(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="save_every"):
+        train_idm(IDMTrainingConfig(dataset=str(square_dataset), episodes=[0], save_every=0, output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="labelled episodes"):
         train_idm(IDMTrainingConfig(dataset=str(square_dataset), output_dir=str(tmp_path / "x")))
     with pytest.raises(FileNotFoundError, match="no inverse dynamics model"):

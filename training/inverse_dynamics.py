@@ -138,6 +138,7 @@ class IDMTrainingConfig:
     learning_rate: float = 1e-4  # the paper's
     batch_size: int = 64
     max_steps: int = 2000
+    save_every: int = 250  # steps between checkpoints (the latest is kept; a killed run resumes from it)
     seed: int = 0
 
 
@@ -159,14 +160,40 @@ def _mean_l1(model: InverseDynamicsModel, pairs: FramePairDataset, batch_size: i
     return (total / max(count, 1)).tolist()
 
 
+class _OneProcess:
+    """What `training.checkpointing` asks of an Accelerator, for the IDM's single-process loop."""
+    is_main_process, process_index, num_processes = True, 0, 1
+
+    @staticmethod
+    def wait_for_everyone() -> None:
+        pass
+
+    @staticmethod
+    def unwrap_model(model: nn.Module) -> nn.Module:
+        return model
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled full batches of one epoch: a function of (seed, epoch) only, so a resumed run continues the same
+    order from any step."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
 def train_idm(c: IDMTrainingConfig) -> InverseDynamicsModel:
     """Trains on the pairs of `c.episodes` with Adam (MSE on normalised actions) and saves the model and its held-out
-    L1 in `c.output_dir` (`model/` and `idm_metrics.json`). A finished run is loaded, not trained again."""
+    L1 in `c.output_dir` (`model/` and `idm_metrics.json`). A finished run is loaded, not trained again; an interrupted
+    one resumes from its latest checkpoint (`checkpoints/step-N`, every `c.save_every` steps) with the same result as
+    an uninterrupted run."""
+    from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+
     output = Path(c.output_dir)
     if (output / "model" / "model.safetensors").is_file():
         return InverseDynamicsModel.from_pretrained(output / "model")
     if not c.episodes:
         raise ValueError("the IDM needs labelled episodes to learn from (IDMTrainingConfig.episodes is empty)")
+    if c.save_every < 1:
+        raise ValueError(f"save_every must be >= 1, got {c.save_every}")
     torch.manual_seed(c.seed)
     source = load_lerobot_dataset(c.dataset)
     train_pairs = _pairs(c, source, sorted(c.episodes))
@@ -176,28 +203,42 @@ def train_idm(c: IDMTrainingConfig) -> InverseDynamicsModel:
     model.action_mean.copy_(torch.as_tensor(actions.mean(0), dtype=torch.float32))
     model.action_std.copy_(torch.as_tensor(actions.std(0) + 1e-6, dtype=torch.float32))
     optimizer = torch.optim.Adam(model.parameters(), lr=c.learning_rate)
-    loader = torch.utils.data.DataLoader(train_pairs, batch_size=c.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(c.seed))
-    if len(loader) == 0:
+    batches_per_epoch = len(train_pairs) // c.batch_size
+    if batches_per_epoch == 0:
         raise ValueError(f"{len(train_pairs)} labelled frame pairs are fewer than one batch of {c.batch_size}")
+    settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("output_dir", "max_steps", "save_every")}
+    step, losses, seconds = 0, [], 0.0
+    resume_from = latest_checkpoint(output)
+    if resume_from is not None:
+        state, _ = load_checkpoint(_OneProcess(), resume_from, model=model, optimizer=optimizer)
+        if state.get("settings") != settings:
+            raise ValueError(f"{resume_from} was written by an IDM run with other settings ({state.get('settings')}, "
+                             f"now {settings}); remove {output / 'checkpoints'} to start again")
+        step, losses, seconds = state["step"], state["recent_losses"], state["seconds"]
+        logger.info("inverse dynamics model: resuming from %s", resume_from)
     model.train()
-    step, start, losses = 0, time.perf_counter(), []
-    progress = tqdm(total=c.max_steps, desc="inverse dynamics model", leave=False)
+    start = time.perf_counter() - seconds
+    progress = tqdm(total=c.max_steps, initial=step, desc="inverse dynamics model", leave=False)
     while step < c.max_steps:
-        for batch in loader:
+        epoch, skip = divmod(step, batches_per_epoch)
+        batch_sampler = _epoch_batches(len(train_pairs), c.batch_size, c.seed, epoch)[skip:]
+        for batch in torch.utils.data.DataLoader(train_pairs, batch_sampler=batch_sampler):
             target = (torch.as_tensor(batch["action"]).float() - model.action_mean) / model.action_std
             loss = torch.nn.functional.mse_loss(model(batch["pixel_values"]), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses = [*losses[-49:], loss.item()]
             step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            progress.set_postfix(loss=f"{np.mean(losses):.3f}")
+            if step % c.save_every == 0 and step < c.max_steps:
+                save_checkpoint(_OneProcess(), output, step, model=model, optimizer=optimizer, keep=1, trainer_state={
+                    "settings": settings, "recent_losses": losses, "seconds": time.perf_counter() - start})
             if step >= c.max_steps:
                 break
     progress.close()
-    metrics = {"steps": step, "seconds": time.perf_counter() - start, "final_train_loss": float(np.mean(losses[-50:])),
+    metrics = {"steps": step, "seconds": time.perf_counter() - start, "final_train_loss": float(np.mean(losses)),
                "train_pairs": len(train_pairs), "train_l1_per_dim": _mean_l1(model, train_pairs)}
     if c.heldout_episodes:
         metrics["heldout_l1_per_dim"] = _mean_l1(model, _pairs(c, source, sorted(c.heldout_episodes)))
