@@ -47,6 +47,9 @@ def test_bad_settings_are_refused(capsys):
     assert "quantizer_mixed_precision must be 'no' or 'bf16'" in capsys.readouterr().err
     config = pe.resolve_config(["--preset", "smoke", "--quantizer-mixed-precision", "bf16", "--video-crf", "0"])
     assert (config.quantizer_mixed_precision, config.video_crf, config.video_pix_fmt) == ("bf16", 0, "yuv420p")
+    long = pe.resolve_config(["--preset", "long", "--pretrain-steps", "8000"])
+    assert (long.episodes_per_task, long.cross_episodes_per_task, long.video_pix_fmt, long.video_crf,
+            long.pretrain_steps, long.finetune_steps) == (100, 25, "yuv444p", 0, 8000, 400)
 
 
 @pytest.mark.slow
