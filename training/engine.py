@@ -109,12 +109,24 @@ class FitResult:
     stopped_early: bool = False  # `should_stop` ended training before max_steps
 
 
+def _allow_new_mixed_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one AcceleratorState per process and refuses another mixed precision later on, so a single
+    process that chains stages (the paper experiment: fp32 VLA stages, then a bf16 quantizer) would crash. In a
+    single, non-distributed process the state holds nothing else of ours, so it is cleared for the new setting."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+
+
 class TrainingEngine:
     def __init__(self, config, name: str):
         from accelerate import Accelerator
 
         self.config, self.name = config, name
         self.output_dir = Path(config.output_dir)
+        _allow_new_mixed_precision(config.mixed_precision)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps, log_with=trackers(config.report_to),
