@@ -118,10 +118,11 @@ PRESETS: dict[str, dict] = {
     "full": dict(),
     # `full` grown until ACTIONVLA works (validation seeds, MT10 x 5: 42% at `full`, 58% at 8,000 and 68% at 16,000
     # pretraining steps; more videos, lossless frames, a wider vision encoder or 128 px did not help by themselves):
-    # 100 lossless videos per MT10 task, 25 per cross-task task (40 x 25, as many), 16,000 pretraining steps.
-    # About 1 hour per pretraining on 2 idle cores, six of them: a run over several sittings (every stage resumes).
+    # 100 lossless videos per MT10 task, 25 per cross-task task (40 x 25, as many), 16,000 pretraining steps; the
+    # quantizer 4,000 steps in bf16 (at 1,000 its codes probed no better than frame t alone, see README).
+    # About 25 min per pretraining on 2 idle cores, six of them: a run over several sittings (every stage resumes).
     "long": dict(episodes_per_task=100, cross_episodes_per_task=25, video_pix_fmt="yuv444p", video_crf=0,
-                 pretrain_steps=16000),
+                 pretrain_steps=16000, quantizer_steps=4000, quantizer_mixed_precision="bf16"),
 }
 
 
@@ -209,6 +210,34 @@ def _check_cached_data(folder: Path, config: GenerationConfig) -> None:
         raise ValueError(f"{folder} was generated with other settings ({listed}); use another --output-dir or delete it")
 
 
+# what a cached training run must share with the settings asked for (paths compared once resolved)
+_RUN_KEYS = ("stage", "target", "tiny", "model", "init_from", "dataset", "train_episodes_per_task", "gripper_dims",
+             "action_chunk_size", "freeze_vision_encoder", "learning_rate", "max_steps", "stop_at_train_accuracy",
+             "mixed_precision", "seed")
+
+
+def _comparable(key: str, value):
+    if key in ("dataset", "init_from") and value is not None:
+        return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+    return value
+
+
+def _check_cached_run(run_dir: Path, config) -> None:
+    """A finished run under `run_dir` is reused only if it was trained with these settings: an --output-dir from a
+    run with other steps, learning rate or data would otherwise be reused silently (e.g. `--finetune-steps 1600`
+    after a 400-step run). Raises naming every setting that differs."""
+    record_path = run_dir / "training_config.json"
+    if not record_path.is_file():
+        return  # made before runs recorded their settings; nothing to compare
+    record, wanted = json.loads(record_path.read_text()), dataclasses.asdict(config)
+    different = {k: (record[k], wanted[k]) for k in _RUN_KEYS if k in record and k in wanted
+                 and _comparable(k, record[k]) != _comparable(k, wanted[k])}
+    if different:
+        listed = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in different.items())
+        raise ValueError(f"{run_dir} holds a finished run with other settings ({listed}); use another --output-dir or "
+                         f"delete {run_dir}")
+
+
 class Experiment:
     """The stages, each cached under `root`; `timings` records the seconds each one took in this process."""
 
@@ -261,8 +290,10 @@ class Experiment:
             "tiny", dataset=[str(self.videos(setting))], output_dir=str(run_dir), max_steps=steps, eval_every=steps,
             save_every=max(steps // 4, 1), replacement_cooldown_steps=steps // 6, model={"codebook_size": size},
             mixed_precision=c.quantizer_mixed_precision, resume=(run_dir / "checkpoints").is_dir(), report_to="none")
-        self._timed(f"{setting}: quantizer{suffix}", (run_dir / "model" / "model.safetensors").is_file(),
-                    lambda: train_quantizer.train(config))
+        done = (run_dir / "model" / "model.safetensors").is_file()
+        if done:
+            _check_cached_run(run_dir, config)
+        self._timed(f"{setting}: quantizer{suffix}", done, lambda: train_quantizer.train(config))
         return run_dir
 
     def latent_labels(self, setting: str, method: str = "lapa") -> Path:
@@ -315,7 +346,10 @@ class Experiment:
             eval_max_frames=1000, learning_rate=c.learning_rate, tiny=dict(c.tiny),
             freeze_vision_encoder=c.freeze_vision_encoder, resume=(run_dir / "checkpoints").is_dir(),
             report_to="none", **settings)
-        self._timed(label, (run_dir / "model" / "model.safetensors").is_file(), lambda: vla_training.train(config))
+        done = (run_dir / "model" / "model.safetensors").is_file()
+        if done:
+            _check_cached_run(run_dir, config)
+        self._timed(label, done, lambda: vla_training.train(config))
         return run_dir / "model"
 
     def pretrained(self, method: str, setting: str) -> Path | None:

@@ -50,6 +50,7 @@ def test_bad_settings_are_refused(capsys):
     long = pe.resolve_config(["--preset", "long", "--pretrain-steps", "8000"])
     assert (long.episodes_per_task, long.cross_episodes_per_task, long.video_pix_fmt, long.video_crf,
             long.pretrain_steps, long.finetune_steps) == (100, 25, "yuv444p", 0, 8000, 400)
+    assert (long.quantizer_steps, long.quantizer_mixed_precision) == (4000, "bf16")
 
 
 @pytest.mark.slow
@@ -102,3 +103,10 @@ def test_the_smoke_preset_runs_all_four_methods_in_both_settings(tmp_path):
     with pytest.raises(ValueError, match="generated with other settings.*pix_fmt: yuv420p there, yuv444p here"):
         pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--video-pix-fmt", "yuv444p",
                                   "--video-crf", "0"]))
+    # so is a finished training run made with other settings (here the finetuning length), named in the error
+    with pytest.raises(ValueError, match=r"finetune/scratch/seed0 holds a finished run with other settings "
+                                         r"\(max_steps: 10 there, 20 here\)"):
+        pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--finetune-steps", "20"]))
+    # and a quantizer of other settings (its steps) as well
+    with pytest.raises(ValueError, match=r"in_domain/quantizer holds a finished run.*max_steps: 12 there, 13 here"):
+        pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--quantizer-steps", "13"]))
