@@ -102,6 +102,7 @@ class ExperimentConfig:
     freeze_vision_encoder: bool = False
     tiny: dict = field(default_factory=dict)  # tiny backbone sizes (hidden_size, num_layers, ...)
     learning_rate: float = 1e-3
+    finetune_learning_rate: float | None = None  # finetuning's peak learning rate (None: learning_rate)
     eval_episodes: int = 5  # per task and seed
     eval_max_steps: int = 200
     num_workers: int | None = None
@@ -119,10 +120,12 @@ PRESETS: dict[str, dict] = {
     # `full` grown until ACTIONVLA works (validation seeds, MT10 x 5: 42% at `full`, 58% at 8,000 and 68% at 16,000
     # pretraining steps; more videos, lossless frames, a wider vision encoder or 128 px did not help by themselves):
     # 100 lossless videos per MT10 task, 25 per cross-task task (40 x 25, as many), 16,000 pretraining steps; the
-    # quantizer 4,000 steps in bf16 (at 1,000 its codes probed no better than frame t alone, see README).
-    # About 25 min per pretraining on 2 idle cores, six of them: a run over several sittings (every stage resumes).
+    # quantizer 4,000 steps in bf16 (at 1,000 its codes probed no better than frame t alone, see README); finetuning
+    # capped at 1,600 steps (validation: as good or better than 400 for every method, see README).
+    # About 55 min per pretraining on 2 idle cores, six of them: a run over several sittings (every stage resumes).
     "long": dict(episodes_per_task=100, cross_episodes_per_task=25, video_pix_fmt="yuv444p", video_crf=0,
-                 pretrain_steps=16000, quantizer_steps=4000, quantizer_mixed_precision="bf16"),
+                 pretrain_steps=16000, quantizer_steps=4000, quantizer_mixed_precision="bf16",
+                 finetune_steps=1600),
 }
 
 
@@ -341,9 +344,10 @@ class Experiment:
     def _vla(self, stage: str, run_dir: Path, label: str, **settings) -> Path:
         c = self.c
         steps = settings.pop("max_steps")
+        learning_rate = settings.pop("learning_rate", c.learning_rate)
         config = vla_training.config_from_preset(
             stage, "tiny", output_dir=str(run_dir), max_steps=steps, eval_every=steps, save_every=max(steps // 4, 1),
-            eval_max_frames=1000, learning_rate=c.learning_rate, tiny=dict(c.tiny),
+            eval_max_frames=1000, learning_rate=learning_rate, tiny=dict(c.tiny),
             freeze_vision_encoder=c.freeze_vision_encoder, resume=(run_dir / "checkpoints").is_dir(),
             report_to="none", **settings)
         done = (run_dir / "model" / "model.safetensors").is_file()
@@ -374,7 +378,8 @@ class Experiment:
                          dataset=[str(self.data("finetune"))], init_from=str(init) if init else None,
                          train_episodes_per_task=c.finetune_episodes, gripper_dims=GRIPPER_DIMS,
                          action_chunk_size=c.action_chunk_size, max_steps=c.finetune_steps, seed=seed,
-                         stop_at_train_accuracy=c.stop_at_train_accuracy)
+                         stop_at_train_accuracy=c.stop_at_train_accuracy,
+                         learning_rate=c.finetune_learning_rate or c.learning_rate)
 
     def evaluation(self, method: str, setting: str, seed: int) -> dict:
         c = self.c

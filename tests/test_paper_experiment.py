@@ -49,14 +49,17 @@ def test_bad_settings_are_refused(capsys):
     assert (config.quantizer_mixed_precision, config.video_crf, config.video_pix_fmt) == ("bf16", 0, "yuv420p")
     long = pe.resolve_config(["--preset", "long", "--pretrain-steps", "8000"])
     assert (long.episodes_per_task, long.cross_episodes_per_task, long.video_pix_fmt, long.video_crf,
-            long.pretrain_steps, long.finetune_steps) == (100, 25, "yuv444p", 0, 8000, 400)
+            long.pretrain_steps, long.finetune_steps) == (100, 25, "yuv444p", 0, 8000, 1600)
     assert (long.quantizer_steps, long.quantizer_mixed_precision) == (4000, "bf16")
+    lr = pe.resolve_config(["--preset", "smoke", "--finetune-learning-rate", "1e-4"])
+    assert (lr.learning_rate, lr.finetune_learning_rate) == (1e-3, 1e-4)
 
 
 @pytest.mark.slow
 def test_the_smoke_preset_runs_all_four_methods_in_both_settings(tmp_path):
     out = tmp_path / "experiment"
-    result = pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--split", "validation"]))
+    smoke = ["--preset", "smoke", "--output-dir", str(out), "--finetune-learning-rate", "5e-4"]
+    result = pe.run(pe.resolve_config([*smoke, "--split", "validation"]))
     rows = result["rows"]
     assert sorted(rows) == sorted(["scratch/in_domain", "vpt/in_domain", "lapa/in_domain", "actionvla/in_domain",
                                    "vpt/cross_task", "lapa/cross_task", "actionvla/cross_task", "lapa_c4/in_domain"])
@@ -76,6 +79,9 @@ def test_the_smoke_preset_runs_all_four_methods_in_both_settings(tmp_path):
     assert record(out / "cross_task" / "pretrain_vpt")["dataset"] == [str(out / "cross_task" / "videos_vpt")]
     assert record(out / "cross_task" / "pretrain_actionvla")["dataset"] == [str(out / "data" / "cross_tasks")]
     assert record(out / "finetune" / "scratch" / "seed0")["init_from"] is None
+    # finetuning has its own learning rate; pretraining keeps --learning-rate
+    assert record(out / "finetune" / "scratch" / "seed0")["learning_rate"] == 5e-4
+    assert record(out / "in_domain" / "pretrain_lapa")["learning_rate"] == 1e-3
     assert record(out / "finetune" / "cross_task_lapa" / "seed0")["init_from"] == str(
         out / "cross_task" / "pretrain_lapa" / "model")
     # the cross-task videos hold none of the evaluated tasks
@@ -94,19 +100,19 @@ def test_the_smoke_preset_runs_all_four_methods_in_both_settings(tmp_path):
     assert "| ACTIONVLA |" in table and "| 4 | " in table and "| 8 | " in table
 
     # the test split reuses every trained stage and evaluates on its own seed block
-    test = pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--split", "test"]))
+    test = pe.run(pe.resolve_config([*smoke, "--split", "test"]))
     assert all(name.startswith("closed loop (test)") for name in test["stage_seconds_this_run"])
     info = json.loads((out / "eval" / "test" / "scratch" / "seed0" / "eval_info.json").read_text())
     assert info["per_task"][0]["metrics"]["seeds"] == [10**9 + 200 * 10**6]
 
     # a cached dataset made with other settings is refused, not reused
     with pytest.raises(ValueError, match="generated with other settings.*pix_fmt: yuv420p there, yuv444p here"):
-        pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--video-pix-fmt", "yuv444p",
+        pe.run(pe.resolve_config([*smoke, "--video-pix-fmt", "yuv444p",
                                   "--video-crf", "0"]))
     # so is a finished training run made with other settings (here the finetuning length), named in the error
     with pytest.raises(ValueError, match=r"finetune/scratch/seed0 holds a finished run with other settings "
                                          r"\(max_steps: 10 there, 20 here\)"):
-        pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--finetune-steps", "20"]))
+        pe.run(pe.resolve_config([*smoke, "--finetune-steps", "20"]))
     # and a quantizer of other settings (its steps) as well
     with pytest.raises(ValueError, match=r"in_domain/quantizer holds a finished run.*max_steps: 12 there, 13 here"):
-        pe.run(pe.resolve_config(["--preset", "smoke", "--output-dir", str(out), "--quantizer-steps", "13"]))
+        pe.run(pe.resolve_config([*smoke, "--quantizer-steps", "13"]))
